@@ -1,0 +1,6 @@
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+// This translation unit and odr_test.cpp both include the umbrella header: a non-inline definition in any header
+// fails the link with a duplicate symbol.
+#include <rlhf/rlhf.hpp>
