@@ -1,4 +1,4 @@
-#include <doctest/doctest.h>
+#include "test_util.hpp"
 
 #include <rlhf/rlhf.hpp>
 

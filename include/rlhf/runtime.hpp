@@ -1,0 +1,87 @@
+#pragma once
+/// @file Process-wide settings that decide CPU speed: threads, the BLAS in use, and how malloc treats big buffers.
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <thread>
+
+#include <dlfcn.h>
+#include <link.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include <torch/torch.h>
+
+namespace rlhf {
+
+/// What configure_runtime() should set.
+struct RuntimeOptions {
+  int threads = 0;           ///< intra-op threads for torch and OpenBLAS; 0 = every core (nproc), e.g. 2
+  bool keep_memory = true;   ///< keep glibc malloc from returning big buffers to the OS after every op
+};
+
+/// What configure_runtime() found and set.
+struct RuntimeInfo {
+  int threads = 1;           ///< intra-op threads now in use
+  std::string blas;          ///< the BLAS library loaded in this process, e.g. ".../openblas-openmp/libblas.so.3"
+  bool blas_is_openmp_openblas = false;  ///< the fast choice on CPU (shares torch's OpenMP threads)
+  bool malloc_tuned = false; ///< whether malloc was told to keep big buffers
+
+  /// A line saying what is slow and how to fix it, or empty when the set-up is the fast one.
+  std::string warning() const {
+    if (blas_is_openmp_openblas || blas.empty()) return {};
+    return "rlhf: the active BLAS is " + blas +
+           ", not the OpenMP build of OpenBLAS; CPU matmuls may be many times slower. ---> HINT: apt-get install "
+           "libopenblas0-openmp && update-alternatives --set libblas.so.3-x86_64-linux-gnu "
+           "/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3 (scripts/install-deps.sh does this)";
+  }
+};
+
+namespace detail {
+
+/// Path of the first loaded shared object whose name contains "blas" (torch loads it through libblas.so.3).
+inline std::string loaded_blas_path() {
+  std::string found;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) {
+        auto* out = static_cast<std::string*>(data);
+        std::string name = info->dlpi_name ? info->dlpi_name : "";
+        if (out->empty() && name.find("blas") != std::string::npos) *out = name;
+        return 0;
+      },
+      &found);
+  return found;
+}
+
+}  // namespace detail
+
+/// Sets torch's and OpenBLAS's thread counts, tunes malloc for large tensors, and reports the BLAS in use.
+/// Call once at the start of a program (the library's tools do). Without it torch may run on one thread.
+inline RuntimeInfo configure_runtime(const RuntimeOptions& options = {}) {
+  RuntimeInfo info;
+  info.threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
+  if (info.threads < 1) info.threads = 1;
+  torch::set_num_threads(info.threads);
+  // OpenBLAS keeps its own thread count; torch's setting does not reach it.
+  using SetThreads = void (*)(int);
+  if (auto set_blas = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    set_blas(info.threads);
+#if defined(__GLIBC__)
+  if (options.keep_memory) {
+    // Large tensors are otherwise mmap'ed and unmapped on every op: a page-fault storm on CPU training.
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    mallopt(M_TOP_PAD, 64 << 20);
+    info.malloc_tuned = true;
+  }
+#endif
+  info.blas = detail::loaded_blas_path();
+  std::error_code ec;  // libblas.so.3 is a link chain through /etc/alternatives: name the real file
+  if (auto real = std::filesystem::canonical(info.blas, ec); !ec) info.blas = real.string();
+  info.blas_is_openmp_openblas = info.blas.find("openblas-openmp") != std::string::npos;
+  return info;
+}
+
+}  // namespace rlhf

@@ -1,0 +1,257 @@
+#include "test_util.hpp"
+
+#include <cmath>
+#include <filesystem>
+
+#include <rlhf/model/gpt2.hpp>
+
+
+namespace {
+
+using rlhf::GPT2;
+using rlhf::GPT2Config;
+
+GPT2Config tiny_config() {
+  GPT2Config c;
+  c.vocab_size = 37;
+  c.n_positions = 24;
+  c.n_embd = 16;
+  c.n_layer = 2;
+  c.n_head = 4;
+  return c;
+}
+
+/// GPT-2 written out op by op from the paper and Hugging Face's modeling_gpt2.py, head by head, sharing no code with
+/// the library's forward: the independent reference the model is checked against.
+torch::Tensor reference_logits(GPT2<>& model, const torch::Tensor& ids) {
+  torch::NoGradGuard no_grad;
+  const auto& c = model->config();
+  std::map<std::string, torch::Tensor> p;
+  for (auto& item : model->named_parameters()) p[item.key()] = item.value().to(torch::kDouble);
+  auto ln = [&](const torch::Tensor& x, const std::string& name) {
+    auto mean = x.mean(-1, true);
+    auto var = (x - mean).pow(2).mean(-1, true);
+    return (x - mean) / (var + c.layer_norm_epsilon).sqrt() * p[name + ".weight"] + p[name + ".bias"];
+  };
+  auto gelu_new = [](const torch::Tensor& x) {
+    return 0.5 * x * (1.0 + torch::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x.pow(3))));
+  };
+  const int64_t t = ids.size(0), d = c.n_embd, dh = d / c.n_head;
+  auto x = p["transformer.wte.weight"].index_select(0, ids) +
+           p["transformer.wpe.weight"].narrow(0, 0, t);  // [T, D]
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    auto pre = "transformer.h." + std::to_string(l) + ".";
+    auto a = ln(x, pre + "ln_1");
+    auto qkv = a.mm(p[pre + "attn.c_attn.weight"]) + p[pre + "attn.c_attn.bias"];  // [T, 3D]
+    std::vector<torch::Tensor> heads;
+    for (int64_t h = 0; h < c.n_head; ++h) {
+      auto q = qkv.narrow(1, h * dh, dh), k = qkv.narrow(1, d + h * dh, dh), v = qkv.narrow(1, 2 * d + h * dh, dh);
+      auto out = torch::zeros({t, dh}, torch::kDouble);
+      for (int64_t i = 0; i < t; ++i) {
+        auto s = (k.narrow(0, 0, i + 1).mv(q[i])) / std::sqrt(double(dh));  // [i+1]
+        auto w = (s - s.max()).exp();
+        w = w / w.sum();
+        out[i] = w.unsqueeze(0).mm(v.narrow(0, 0, i + 1)).squeeze(0);
+      }
+      heads.push_back(out);
+    }
+    x = x + torch::cat(heads, 1).mm(p[pre + "attn.c_proj.weight"]) + p[pre + "attn.c_proj.bias"];
+    auto m = ln(x, pre + "ln_2");
+    auto hid = gelu_new(m.mm(p[pre + "mlp.c_fc.weight"]) + p[pre + "mlp.c_fc.bias"]);
+    x = x + hid.mm(p[pre + "mlp.c_proj.weight"]) + p[pre + "mlp.c_proj.bias"];
+  }
+  return ln(x, "transformer.ln_f").mm(p["transformer.wte.weight"].t()).to(torch::kFloat);  // [T, V]
+}
+
+GPT2<> tiny_model(uint64_t seed = 1) {
+  torch::manual_seed(seed);
+  GPT2<> model(tiny_config());
+  model->eval();
+  // Non-trivial layernorm parameters and biases, so a swapped or ignored parameter shows.
+  torch::NoGradGuard no_grad;
+  for (auto& item : model->named_parameters())
+    if (item.key().find("ln_") != std::string::npos || item.key().find("bias") != std::string::npos)
+      item.value().normal_(0.5, 0.2);
+  return model;
+}
+
+float max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<float>(); }
+
+}  // namespace
+
+TEST_CASE("GPT2Config reads a Hugging Face config.json") {
+  // gpt2's config.json as published, verbatim.
+  auto json = nlohmann::json::parse(R"({
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+    "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+    "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": null,
+    "summary_first_dropout": 0.1, "summary_proj_to_labels": true, "summary_type": "cls_index",
+    "summary_use_proj": true, "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
+    "vocab_size": 50257})");
+  auto config = GPT2Config::from_json(json, "gpt2/config.json");
+  CHECK(config == GPT2Config{});
+  CHECK(config.d_head() == 64);
+  CHECK(config.d_mlp() == 3072);
+
+  SUBCASE("round trip through to_json") { CHECK(GPT2Config::from_json(config.to_json()) == config); }
+  SUBCASE("unknown key") {
+    json["n_layers"] = 12;
+    CHECK_THROWS_WITH_AS(GPT2Config::from_json(json, "gpt2/config.json"),
+                         "config: gpt2/config.json: unknown key 'n_layers' (a GPT-2 config has n_layer, n_head, "
+                         "n_embd, n_positions, vocab_size, layer_norm_epsilon, activation_function, *_pdrop, ...)",
+                         rlhf::Error);
+  }
+  SUBCASE("inconsistent values") {
+    json["n_head"] = 5;
+    CHECK_THROWS_WITH_AS(GPT2Config::from_json(json, "c.json"),
+                         "config: c.json: 'n_embd' (768) must be divisible by 'n_head' (5)", rlhf::Error);
+    json["n_head"] = 12;
+    json["n_ctx"] = 512;
+    CHECK_THROWS_WITH_AS(GPT2Config::from_json(json, "c.json"),
+                         "config: c.json: 'n_ctx' (512) differs from 'n_positions' (1024)", rlhf::Error);
+  }
+  SUBCASE("wrong types and values") {
+    json["n_layer"] = "12";
+    CHECK_THROWS_WITH_AS(GPT2Config::from_json(json, "c.json"),
+                         "config: c.json: 'n_layer' must be an integer >= 1, got \"12\"", rlhf::Error);
+    json["n_layer"] = 12;
+    json["activation_function"] = "swish";
+    CHECK_THROWS_WITH_AS(GPT2Config::from_json(json, "c.json"),
+                         "config: c.json: 'activation_function' is 'swish'; supported: gelu_new, "
+                         "gelu_pytorch_tanh, gelu, gelu_fast, relu",
+                         rlhf::Error);
+    json["activation_function"] = "gelu_new";
+    json["model_type"] = "llama";
+    CHECK_THROWS_WITH_AS(GPT2Config::from_json(json, "c.json"),
+                         "config: c.json: 'model_type' is \"llama\", expected \"gpt2\"", rlhf::Error);
+    json["model_type"] = "gpt2";
+    json["layer_norm_epsilon"] = -1e-5;
+    CHECK_THROWS_WITH_AS(GPT2Config::from_json(json, "c.json"),
+                         "config: c.json: 'layer_norm_epsilon' must be positive, got -1e-05", rlhf::Error);
+  }
+  SUBCASE("missing file") {
+    CHECK_THROWS_WITH_AS(GPT2Config::from_file("/nonexistent/config.json"),
+                         "config: /nonexistent/config.json: cannot open (expected a Hugging Face config.json)",
+                         rlhf::Error);
+  }
+}
+
+TEST_CASE("GPT2 forward matches an op-by-op reference") {
+  auto model = tiny_model();
+  auto ids = torch::tensor({3, 14, 15, 9, 2, 6, 5, 35, 8, 9}, torch::kLong);
+  auto hidden = model->forward(ids.unsqueeze(0));
+  CHECK(hidden.sizes() == torch::IntArrayRef({1, 10, 16}));
+  CHECK((hidden.scalar_type() == torch::kFloat));
+  auto logits = model->logits(hidden).squeeze(0);
+  CHECK(max_diff(logits, reference_logits(model, ids)) < 1e-4);
+  CHECK(model->named_parameters().contains("transformer.h.1.attn.c_attn.weight"));
+  CHECK(model->named_parameters()["transformer.h.1.attn.c_attn.weight"].sizes() == torch::IntArrayRef({16, 48}));
+}
+
+TEST_CASE("GPT2 with a KV cache gives the full forward's logits") {
+  auto model = tiny_model(2);
+  auto ids = torch::randint(0, 37, {3, 12}, torch::kLong);
+  auto full = model->logits(model->forward(ids));  // [3, 12, V]
+  auto cache = model->new_cache(3, 12);
+  // A 5-token prefix, then one token at a time, then a 3-token chunk.
+  std::vector<torch::Tensor> parts = {model->logits(model->forward(ids.narrow(1, 0, 5), {}, &cache))};
+  for (int64_t i = 5; i < 9; ++i) parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), {}, &cache)));
+  parts.push_back(model->logits(model->forward(ids.narrow(1, 9, 3), {}, &cache)));
+  CHECK(cache.length() == 12);
+  CHECK(max_diff(torch::cat(parts, 1), full) < 1e-5);
+  CHECK_THROWS_WITH_AS(model->forward(ids.narrow(1, 0, 1), {}, &cache),
+                       "KVCache: 12 cached + 1 new positions exceed the capacity of 12", rlhf::Error);
+}
+
+TEST_CASE("GPT2 left padding gives the unpadded logits") {
+  auto model = tiny_model(3);
+  auto a = torch::tensor({{5, 6, 7, 8, 9}}, torch::kLong);
+  auto b = torch::tensor({{10, 11}}, torch::kLong);
+  const int pad = 0;
+  auto batch = torch::tensor({{5, 6, 7, 8, 9}, {pad, pad, pad, 10, 11}}, torch::kLong);
+  auto mask = torch::tensor({{1, 1, 1, 1, 1}, {0, 0, 0, 1, 1}}, torch::kLong);
+  auto padded = model->logits(model->forward(batch, mask));  // [2, 5, V]
+  auto alone_a = model->logits(model->forward(a));
+  auto alone_b = model->logits(model->forward(b));
+  CHECK(max_diff(padded[0], alone_a[0]) < 1e-5);
+  CHECK(max_diff(padded[1].narrow(0, 3, 2), alone_b[0]) < 1e-5);
+
+  SUBCASE("and continues correctly with a cache") {
+    auto cache = model->new_cache(2, 6);
+    model->forward(batch, mask, &cache);
+    auto next = torch::tensor({{12}, {13}}, torch::kLong);
+    auto mask2 = torch::cat({mask, torch::ones({2, 1}, torch::kLong)}, 1);
+    auto step = model->logits(model->forward(next, mask2, &cache));  // [2, 1, V]
+    auto b_full = model->logits(model->forward(torch::tensor({{10, 11, 13}}, torch::kLong)));
+    CHECK(max_diff(step[1][0], b_full[0][2]) < 1e-5);
+  }
+}
+
+TEST_CASE("GPT2 save_pretrained / from_pretrained") {
+  rlhf::test::TempDir dir;
+  auto model = tiny_model(4);
+  model.save_pretrained(dir.path());
+  CHECK(std::filesystem::exists(dir.path() / "config.json"));
+  CHECK(std::filesystem::exists(dir.path() / "model.safetensors"));
+  auto ids = torch::randint(0, 37, {2, 7}, torch::kLong);
+  auto expected = model->logits(model->forward(ids));
+
+  SUBCASE("identical logits") {
+    auto loaded = GPT2<>::from_pretrained(dir.path());
+    loaded->eval();
+    CHECK(torch::equal(loaded->logits(loaded->forward(ids)), expected));
+    CHECK(loaded->config() == model->config());
+  }
+  SUBCASE("names without the transformer. prefix and with the old mask buffers") {
+    std::map<std::string, torch::Tensor> tensors;
+    for (auto& item : model->named_parameters())
+      tensors[item.key().substr(std::string("transformer.").size())] = item.value();
+    tensors["h.0.attn.bias"] = torch::ones({1, 1, 24, 24});
+    rlhf::save_safetensors(dir.path() / "model.safetensors", tensors);
+    auto loaded = GPT2<>::from_pretrained(dir.path());
+    loaded->eval();
+    CHECK(torch::equal(loaded->logits(loaded->forward(ids)), expected));
+  }
+  SUBCASE("bf16 weights, fp32 layernorms") {
+    auto loaded = GPT2<>::from_pretrained(dir.path(), {.dtype = torch::kBFloat16});
+    loaded->eval();
+    CHECK((loaded->dtype() == torch::kBFloat16));
+    CHECK((loaded->transformer->ln_f->weight.scalar_type() == torch::kFloat));
+    auto logits = loaded->logits(loaded->forward(ids));
+    CHECK(max_diff(logits, expected) < 0.1);
+  }
+  SUBCASE("missing, unexpected and misshapen tensors") {
+    auto path = (dir.path() / "model.safetensors").string();
+    std::map<std::string, torch::Tensor> tensors;
+    for (auto& item : model->named_parameters()) tensors[item.key()] = item.value();
+    auto full = tensors;
+    tensors.erase("transformer.h.1.mlp.c_fc.bias");
+    rlhf::save_safetensors(path, tensors);
+    CHECK_THROWS_WITH_AS(GPT2<>::from_pretrained(dir.path()),
+                         fmt::format("safetensors: {}: missing tensor 'h.1.mlp.c_fc.bias' (expected shape [64]); "
+                                     "{} of {} parameters found",
+                                     path, full.size() - 1, full.size())
+                             .c_str(),
+                         rlhf::Error);
+    tensors = full;
+    tensors["transformer.h.2.ln_1.weight"] = torch::ones({16});
+    rlhf::save_safetensors(path, tensors);
+    CHECK_THROWS_WITH_AS(GPT2<>::from_pretrained(dir.path()),
+                         fmt::format("safetensors: {}: unexpected tensor 'transformer.h.2.ln_1.weight' (not a "
+                                     "parameter of GPT-2 with n_layer = 2; ---> HINT: does config.json belong to "
+                                     "this checkpoint?)",
+                                     path)
+                             .c_str(),
+                         rlhf::Error);
+    tensors = full;
+    tensors["transformer.h.0.attn.c_attn.weight"] = torch::ones({16, 47});
+    rlhf::save_safetensors(path, tensors);
+    CHECK_THROWS_WITH_AS(GPT2<>::from_pretrained(dir.path()),
+                         fmt::format("safetensors: {}: tensor 'transformer.h.0.attn.c_attn.weight' has shape "
+                                     "[16, 47], config expects [16, 48]",
+                                     path)
+                             .c_str(),
+                         rlhf::Error);
+  }
+}
