@@ -1,4 +1,4 @@
-#include <doctest/doctest.h>
+#include "test_util.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -415,10 +415,15 @@ TEST_CASE("safetensors: round trip of every supported dtype, 0-d, empty and stri
   for (std::size_t i = 1; i < file.tensors().size(); ++i) {
     CHECK(file.tensors()[i - 1].end == file.tensors()[i].begin);
   }
-  // Data are in name order, like the header.
-  std::vector<std::string> by_offset;
-  for (const auto& info : file.tensors()) by_offset.push_back(info.name);
-  CHECK(std::is_sorted(by_offset.begin(), by_offset.end()));
+  // Data are ordered by element size (largest first), then by name, as the reference writer orders them, so every
+  // tensor's offset is a multiple of its element size.
+  for (std::size_t i = 1; i < file.tensors().size(); ++i) {
+    const auto& a = file.tensors()[i - 1];
+    const auto& b = file.tensors()[i];
+    const auto size_a = c10::elementSize(a.dtype), size_b = c10::elementSize(b.dtype);
+    CHECK((size_a > size_b || (size_a == size_b && a.name < b.name)));
+  }
+  for (const auto& info : file.tensors()) CHECK(info.begin % c10::elementSize(info.dtype) == 0);
   CHECK(file.view("scalar").dim() == 0);
   CHECK(file.view("scalar").item<float>() == 3.5f);
 }
@@ -610,13 +615,14 @@ TEST_CASE("safetensors: written files have the byte layout of the format") {
     std::string header =
         "{"
         R"("__metadata__":{"k":"v"},)" +
-        entry("a", "F16", "[3]", 0, 6) + "," + entry("b", "I64", "[1]", 6, 14) + "," +
-        entry("e", "F32", "[0,2]", 14, 14) + "," + entry("s", "F32", "[]", 14, 18) + "}";
+        entry("b", "I64", "[1]", 0, 8) + "," + entry("e", "F32", "[0,2]", 8, 8) + "," +
+        entry("s", "F32", "[]", 8, 12) + "," + entry("a", "F16", "[3]", 12, 18) + "}";
     const std::size_t unpadded = header.size();
     header.append((8 - unpadded % 8) % 8, ' ');
     REQUIRE(header.size() % 8 == 0);
     CHECK(header.size() - unpadded < 8);
-    const std::string data = std::string("\x00\x3c\x00\x40\x00\x42", 6) + raw<int64_t>({7}) + raw({1.5f});
+    // Larger elements first (I64, then F32 by name, then F16), as the reference writer orders them.
+    const std::string data = raw<int64_t>({7}) + raw({1.5f}) + std::string("\x00\x3c\x00\x40\x00\x42", 6);
     CHECK(bytes.substr(0, 8) == le64(header.size()));
     CHECK(bytes.substr(8, header.size()) == header);
     CHECK(bytes.substr(8 + header.size()) == data);

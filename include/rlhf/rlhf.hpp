@@ -3,3 +3,14 @@
 
 #include <rlhf/version.hpp>
 #include <rlhf/detail/error.hpp>
+#include <rlhf/runtime.hpp>
+#include <rlhf/io/atomic_file.hpp>
+#include <rlhf/io/safetensors.hpp>
+#include <rlhf/model/gpt2_config.hpp>
+#include <rlhf/model/conv1d.hpp>
+#include <rlhf/model/kv_cache.hpp>
+#include <rlhf/model/gpt2.hpp>
+#include <rlhf/adapters/no_adapter.hpp>
+#include <rlhf/tokenizer/gpt2_tokenizer.hpp>
+#include <rlhf/tokenizer/batch_encode.hpp>
+#include <rlhf/generation/sampling.hpp>

@@ -449,7 +449,8 @@ inline std::map<std::string, torch::Tensor> load_safetensors(const std::filesyst
 /// atomically (write_file_atomic_with()): the old file survives any failure.
 ///
 /// Tensors may live on any device and have any strides; each is copied to a contiguous CPU tensor on its own while
-/// it is written, so the whole dict is never copied at once. Header entries and data are in name order; the header
+/// it is written, so the whole dict is never copied at once. Header entries and data are ordered by element size (largest first), then name, as the reference writer
+/// orders them, so every tensor is aligned; the header
 /// is compact JSON padded with spaces to a multiple of 8 bytes, as the reference implementation writes it. Throws
 /// rlhf::Error "safetensors: {path}: ..." for an undefined or non-strided tensor, a dtype safetensors lacks (e.g.
 /// complex), the reserved name "__metadata__", or names/metadata that are not valid UTF-8.
@@ -457,10 +458,16 @@ inline void save_safetensors(const std::filesystem::path& path, const std::map<s
                              const std::map<std::string, std::string>& metadata = {}) {
   const std::string where = "safetensors: " + path.string();
 
+  // The reference writer's order: larger elements first, then by name, so every tensor stays aligned.
+  std::vector<std::pair<std::string, torch::Tensor>> ordered(tensors.begin(), tensors.end());
+  std::stable_sort(ordered.begin(), ordered.end(), [](const auto& a, const auto& b) {
+    return a.second.defined() && b.second.defined() && a.second.element_size() > b.second.element_size();
+  });
+
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const auto& [name, tensor] : tensors) {
+  for (const auto& [name, tensor] : ordered) {
     if (name == "__metadata__") {
       detail::fail("{}: '__metadata__' is reserved for the metadata and cannot name a tensor", where);
     }
@@ -495,7 +502,7 @@ inline void save_safetensors(const std::filesystem::path& path, const std::map<s
     const uint64_t header_size = text.size();  // little-endian host (static_assert above)
     detail::write_all(file, &header_size, sizeof(header_size), where);
     detail::write_all(file, text.data(), text.size(), where);
-    for (const auto& [name, tensor] : tensors) {
+    for (const auto& [name, tensor] : ordered) {
       if (tensor.numel() == 0) continue;
       const torch::Tensor cpu = tensor.detach().to(torch::kCPU).resolve_conj().resolve_neg().contiguous();
       detail::write_all(file, cpu.data_ptr(), static_cast<std::size_t>(cpu.numel()) * cpu.element_size(), where);

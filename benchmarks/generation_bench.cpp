@@ -1,0 +1,80 @@
+// Sampling speed with the KV cache: new tokens/s at batch 1 and 16 for GPT-2-small shapes (random weights), in fp32
+// and bf16, with the batch-1 memory-bandwidth floor (bytes of weights read per token / measured copy bandwidth).
+//
+//   generation_bench [--layers 12 --width 768 --heads 12 --vocab 50257] [--new-tokens 32] [--threads N]
+
+#include <chrono>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <rlhf/rlhf.hpp>
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+/// Copy bandwidth in bytes/s (read + write of a 256 MiB buffer, best of 5).
+double copy_bandwidth() {
+  auto src = torch::ones({64 << 20}, torch::kFloat);
+  auto dst = torch::empty_like(src);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    auto start = std::chrono::steady_clock::now();
+    dst.copy_(src);
+    best = std::min(best, seconds_since(start));
+  }
+  return 2.0 * static_cast<double>(src.nbytes()) / best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"KV-cache sampling speed"};
+  rlhf::GPT2Config config;
+  int64_t new_tokens = 32;
+  int threads = 0;
+  std::vector<int64_t> batches = {1, 16};
+  app.add_option("--layers", config.n_layer)->capture_default_str();
+  app.add_option("--width", config.n_embd)->capture_default_str();
+  app.add_option("--heads", config.n_head)->capture_default_str();
+  app.add_option("--vocab", config.vocab_size)->capture_default_str();
+  app.add_option("--new-tokens", new_tokens)->capture_default_str();
+  app.add_option("--batch", batches, "batch sizes")->capture_default_str();
+  app.add_option("--threads", threads, "0 = all cores");
+  CLI11_PARSE(app, argc, argv);
+
+  auto runtime = rlhf::configure_runtime({.threads = threads});
+  if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
+  const double bandwidth = copy_bandwidth();
+  torch::manual_seed(0);
+  rlhf::GPT2<> model(config);
+  nlohmann::json results = nlohmann::json::array();
+  fmt::print("threads {}, copy bandwidth {:.1f} GB/s\n", runtime.threads, bandwidth / 1e9);
+  fmt::print("{:<6} {:>5} {:>12} {:>12} {:>14}\n", "dtype", "batch", "tokens/s", "ms/step", "floor ms/step");
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    model->place(torch::kCPU, dtype);
+    int64_t weight_bytes = 0;
+    for (const auto& p : model->parameters()) weight_bytes += p.nbytes();
+    // Per decoding step every weight is read once (wpe only one row, but it is small).
+    const double floor_ms = 1e3 * static_cast<double>(weight_bytes) / bandwidth;
+    for (int64_t b : batches) {
+      auto prompt = torch::randint(0, config.vocab_size, {b, 16}, torch::kLong);
+      rlhf::generate(*model, prompt, {}, {.max_new_tokens = 2, .seed = 1});  // warm-up
+      auto start = std::chrono::steady_clock::now();
+      rlhf::generate(*model, prompt, {}, {.max_new_tokens = new_tokens, .seed = 1});
+      const double s = seconds_since(start);
+      const double tps = static_cast<double>(b * new_tokens) / s;
+      const std::string name = dtype == torch::kFloat ? "fp32" : "bf16";
+      fmt::print("{:<6} {:>5} {:>12.1f} {:>12.2f} {:>14.2f}\n", name, b, tps, 1e3 * s / new_tokens, floor_ms);
+      results.push_back({{"dtype", name}, {"batch", b}, {"tokens_per_s", tps}, {"ms_per_step", 1e3 * s / new_tokens},
+                         {"bandwidth_floor_ms_per_step", floor_ms}});
+    }
+  }
+  fmt::print("{}\n", nlohmann::json{{"benchmark", "generation"}, {"threads", runtime.threads},
+                                    {"copy_bandwidth_gb_s", bandwidth / 1e9}, {"results", results}}
+                         .dump());
+}
