@@ -26,7 +26,7 @@ fi
 
 # The reference BLAS is ~50x slower and the pthread OpenBLAS fights torch's OpenMP threads: select the OpenMP build.
 arch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)
-for lib in libblas.so.3 liblapack.so.3; do
+for lib in libblas.so.3 liblapack.so.3 libopenblas.so.0; do
   target=/usr/lib/$arch/openblas-openmp/$lib
   current=$(update-alternatives --query "$lib-$arch" 2>/dev/null | awk '/^Value:/ {print $2}')
   if [ -e "$target" ] && [ "$current" != "$target" ]; then
@@ -37,4 +37,4 @@ for lib in libblas.so.3 liblapack.so.3; do
     fi
   fi
 done
-echo "install-deps: all dependencies present; BLAS: $(readlink -f /usr/lib/$arch/libblas.so.3)"
+echo "install-deps: all dependencies present; BLAS: $(readlink -f /usr/lib/$arch/libblas.so.3), OpenBLAS: $(readlink -f /usr/lib/$arch/libopenblas.so.0)"

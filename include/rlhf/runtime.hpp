@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <dlfcn.h>
 #include <link.h>
@@ -25,33 +26,38 @@ struct RuntimeOptions {
 /// What configure_runtime() found and set.
 struct RuntimeInfo {
   int threads = 1;           ///< intra-op threads now in use
-  std::string blas;          ///< the BLAS library loaded in this process, e.g. ".../openblas-openmp/libblas.so.3"
+  std::string blas;          ///< the BLAS libraries loaded, e.g. ".../openblas-openmp/libblas.so.3, ..."
   bool blas_is_openmp_openblas = false;  ///< the fast choice on CPU (shares torch's OpenMP threads)
   bool malloc_tuned = false; ///< whether malloc was told to keep big buffers
 
   /// A line saying what is slow and how to fix it, or empty when the set-up is the fast one.
   std::string warning() const {
     if (blas_is_openmp_openblas || blas.empty()) return {};
-    return "rlhf: the active BLAS is " + blas +
-           ", not the OpenMP build of OpenBLAS; CPU matmuls may be many times slower. ---> HINT: apt-get install "
-           "libopenblas0-openmp && update-alternatives --set libblas.so.3-x86_64-linux-gnu "
-           "/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3 (scripts/install-deps.sh does this)";
+    return "rlhf: the BLAS libraries loaded are " + blas +
+           ", not all the OpenMP build of OpenBLAS; CPU matmuls and the ops between them may be many times slower. "
+           "---> HINT: apt-get install libopenblas0-openmp, then update-alternatives --set for "
+           "libblas.so.3-x86_64-linux-gnu and libopenblas.so.0-x86_64-linux-gnu to the files under "
+           "/usr/lib/x86_64-linux-gnu/openblas-openmp/ (scripts/install-deps.sh does both)";
   }
 };
 
 namespace detail {
 
-/// Path of the first loaded shared object whose name contains "blas" (torch loads it through libblas.so.3).
-inline std::string loaded_blas_path() {
-  std::string found;
+/// Real paths of the loaded shared objects whose names contain "blas". torch loads two: libblas.so.3 and
+/// libopenblas.so.0, each chosen by its own Debian alternative, so both must point at the OpenMP build.
+inline std::vector<std::string> loaded_blas_paths() {
+  std::vector<std::string> found;
   dl_iterate_phdr(
       [](dl_phdr_info* info, size_t, void* data) {
-        auto* out = static_cast<std::string*>(data);
         std::string name = info->dlpi_name ? info->dlpi_name : "";
-        if (out->empty() && name.find("blas") != std::string::npos) *out = name;
+        if (name.find("blas") != std::string::npos) static_cast<std::vector<std::string>*>(data)->push_back(name);
         return 0;
       },
       &found);
+  for (auto& path : found) {
+    std::error_code ec;  // the names are link chains through /etc/alternatives: name the real files
+    if (auto real = std::filesystem::canonical(path, ec); !ec) path = real.string();
+  }
   return found;
 }
 
@@ -77,10 +83,13 @@ inline RuntimeInfo configure_runtime(const RuntimeOptions& options = {}) {
     info.malloc_tuned = true;
   }
 #endif
-  info.blas = detail::loaded_blas_path();
-  std::error_code ec;  // libblas.so.3 is a link chain through /etc/alternatives: name the real file
-  if (auto real = std::filesystem::canonical(info.blas, ec); !ec) info.blas = real.string();
-  info.blas_is_openmp_openblas = info.blas.find("openblas-openmp") != std::string::npos;
+  const auto paths = detail::loaded_blas_paths();
+  info.blas_is_openmp_openblas = !paths.empty();
+  for (const auto& path : paths) {
+    if (!info.blas.empty()) info.blas += ", ";
+    info.blas += path;
+    if (path.find("openblas-openmp") == std::string::npos) info.blas_is_openmp_openblas = false;
+  }
   return info;
 }
 

@@ -87,12 +87,20 @@ class GPT2AttentionImpl : public torch::nn::Module {
     auto qkv = c_attn(x).view({b, t, 3, n_head_, d_head_}).permute({2, 0, 3, 1, 4});  // [3, B, H, T, Dh]
     auto q = qkv[0], k = qkv[1], v = qkv[2];
     if (cache) std::tie(k, v) = cache->append(layer, k, v);  // [B, H, S, Dh]
-    auto scores = torch::matmul(q, k.transpose(-2, -1)).mul_(scale_);  // [B, H, T, S]
-    scores = scores.to(torch::kFloat).add_(bias);
-    auto probs = torch::softmax(scores, -1).to(v.scalar_type());
-    if (is_training() && attn_pdrop_ > 0) probs = torch::dropout(probs, attn_pdrop_, true);
-    auto out = torch::matmul(probs, v).transpose(1, 2).reshape({b, t, d});  // [B, T, D]
-    return c_proj(out);
+    torch::Tensor out;                                        // [B, H, T, Dh]
+    if (t == 1 && !is_training()) {
+      // One query per row (a decoding step): broadcast products. LibTorch's CPU bmm would loop over the B*H
+      // matrix-vector products one small gemm at a time.
+      auto scores = (q * k).sum(-1, /*keepdim=*/false, torch::kFloat).mul_(scale_).unsqueeze(2);  // [B, H, 1, S]
+      auto probs = torch::softmax(scores.add_(bias), -1).to(v.scalar_type());
+      out = (probs.transpose(-2, -1) * v).sum(2, /*keepdim=*/true);
+    } else {
+      auto scores = torch::matmul(q, k.transpose(-2, -1)).to(torch::kFloat).mul_(scale_).add_(bias);  // [B,H,T,S]
+      auto probs = torch::softmax(scores, -1).to(v.scalar_type());
+      if (is_training() && attn_pdrop_ > 0) probs = torch::dropout(probs, attn_pdrop_, true);
+      out = torch::matmul(probs, v);
+    }
+    return c_proj(out.transpose(1, 2).reshape({b, t, d}));  // [B, T, D]
   }
 
   Linear c_attn{nullptr};  ///< [D] -> [3D]: queries, keys, values
