@@ -21,7 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "install-deps: this downloads about 1 GB (LibTorch and its dependencies) and takes a few minutes"
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 # The reference BLAS is ~50x slower and the pthread OpenBLAS fights torch's OpenMP threads: select the OpenMP build.

@@ -2,7 +2,6 @@
 // Hugging Face GPT-2 folder given with --model), saves and reloads it, samples continuations with the KV cache, and
 // reports sampling speed in tokens/s, also for GPT-2-small shapes in fp32 and bf16.
 
-#include <algorithm>
 #include <chrono>
 #include <filesystem>
 
@@ -28,6 +27,29 @@ Speed sampling_speed(rlhf::GPT2Impl<>& model, int64_t batch, int64_t new_tokens)
   rlhf::generate(model, prompt, {}, config);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return {static_cast<double>(batch * new_tokens) / seconds, seconds};
+}
+
+/// `text` for a terminal: valid UTF-8 is kept, control characters become spaces, and bytes that are not valid
+/// UTF-8 (an untrained byte-level model writes many) are shown as \xNN.
+std::string printable(const std::string& text) {
+  std::string out;
+  for (size_t i = 0; i < text.size();) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    bool valid = len > 0 && i + len <= text.size();
+    for (size_t k = 1; valid && k < len; ++k) valid = (static_cast<unsigned char>(text[i + k]) >> 6) == 0x2;
+    if (!valid) {
+      out += fmt::format("\\x{:02x}", c);
+      ++i;
+    } else if (len == 1 && (c < 0x20 || c == 0x7f)) {
+      out += ' ';
+      ++i;
+    } else {
+      out.append(text, i, len);
+      i += len;
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -77,6 +99,7 @@ int main(int argc, char** argv) {
                }());
 
     auto batch = rlhf::encode_batch(tokenizer, prompts, tokenizer.eos_id());
+    rlhf::generate(*model, batch.input_ids, batch.attention_mask, {.max_new_tokens = 2});  // warm-up
     const auto start = std::chrono::steady_clock::now();
     auto gen = rlhf::generate(*model, batch.input_ids, batch.attention_mask,
                               {.max_new_tokens = new_tokens, .temperature = 1.0, .top_k = 10, .seed = 0});
@@ -85,9 +108,7 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < prompts.size(); ++i) {
       auto row = tokens[static_cast<int64_t>(i)].contiguous();
       std::vector<int64_t> ids(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
-      std::string text = prompts[i] + tokenizer.decode(ids);
-      std::replace(text.begin(), text.end(), '\n', ' ');
-      fmt::print("[{}] {}\n", i, text);
+      fmt::print("[{}] {}\n", i, printable(prompts[i] + tokenizer.decode(ids)));
     }
     fmt::print("\nsampled {} x {} tokens in {:.2f} s: {:.1f} tokens/s\n", prompts.size(), new_tokens, seconds,
                static_cast<double>(prompts.size() * new_tokens) / seconds);

@@ -14,3 +14,13 @@
 #include <rlhf/tokenizer/gpt2_tokenizer.hpp>
 #include <rlhf/tokenizer/batch_encode.hpp>
 #include <rlhf/generation/sampling.hpp>
+#include <rlhf/core/masked.hpp>
+#include <rlhf/core/advantages.hpp>
+#include <rlhf/core/logprobs.hpp>
+#include <rlhf/model/value_head.hpp>
+#include <rlhf/model/actor_critic.hpp>
+#include <rlhf/rewards/reward.hpp>
+#include <rlhf/ppo/kl.hpp>
+#include <rlhf/ppo/losses.hpp>
+#include <rlhf/ppo/config.hpp>
+#include <rlhf/ppo/trainer.hpp>

@@ -1,0 +1,368 @@
+#pragma once
+/// @file PPOTrainer: PPO for language models (Schulman et al. 2017, arXiv 1707.06347) with a KL penalty against a
+/// frozen reference model (Ziegler et al. 2019, arXiv 1909.08593), as the seed notebook runs it.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <rlhf/core/advantages.hpp>
+#include <rlhf/core/masked.hpp>
+#include <rlhf/detail/error.hpp>
+#include <rlhf/generation/sampling.hpp>
+#include <rlhf/model/actor_critic.hpp>
+#include <rlhf/ppo/config.hpp>
+#include <rlhf/ppo/kl.hpp>
+#include <rlhf/ppo/losses.hpp>
+#include <rlhf/rewards/reward.hpp>
+#include <rlhf/tokenizer/batch_encode.hpp>
+#include <rlhf/tokenizer/gpt2_tokenizer.hpp>
+
+namespace rlhf {
+
+/// A PPO policy: a module holder around an ActorCriticImpl-like module with `base` (a BaseModel), `values(hidden)`,
+/// `forward(ids, mask)` and the parameter lists of the two learning-rate groups.
+template <class P>
+concept PolicyModel = requires(typename P::Impl& impl, const torch::Tensor& t) {
+  typename P::Impl::BaseType;
+  requires BaseModel<typename P::Impl::BaseType>;
+  { impl.forward(t, t) } -> std::convertible_to<torch::Tensor>;
+  { impl.values(t) } -> std::convertible_to<torch::Tensor>;
+  { impl.base_parameters() } -> std::convertible_to<std::vector<torch::Tensor>>;
+  { impl.head_parameters() } -> std::convertible_to<std::vector<torch::Tensor>>;
+};
+
+/// What one phase (rollout + learning) did. Means are over the phase's samples (rollout statistics) or over its
+/// minibatch updates (learning statistics).
+struct PhaseStats {
+  int64_t phase = 0;               ///< 0-based index of the phase
+  double reward_mean = 0;          ///< raw scores from the reward
+  double reward_std = 0;
+  double reward_norm_mean = 0;     ///< scores after normalisation, scaling and clipping
+  double reward_norm_std = 0;
+  double kl = 0;                   ///< mean over samples of the summed per-token KL estimate to the reference
+  double kl_coef = 0;              ///< KL coefficient used in this phase
+  double entropy = 0;              ///< mean per-token entropy of the policy (temperature-scaled)
+  double policy_loss = 0;
+  double value_loss = 0;
+  double kl_loss = 0;              ///< mean full-vocabulary KL term (KLPlacement::loss), before kl_coef
+  double clip_fraction = 0;        ///< fraction of tokens whose ratio was clipped
+  double value_clip_fraction = 0;  ///< fraction of values clipped (clip_value set)
+  double approx_kl = 0;            ///< 0.5 E[(log pi - log pi_old)^2]
+  double explained_variance = 0;   ///< of the returns by the rollout values
+  double learning_rate = 0;        ///< base-model learning rate of this phase
+  int64_t updates = 0;             ///< optimiser steps taken (fewer than planned after a target-KL stop)
+  double seconds_generation = 0, seconds_reward = 0, seconds_reference = 0, seconds_training = 0;
+  double tokens_per_second = 0;    ///< generated tokens / seconds of the whole phase
+  std::vector<std::string> samples;  ///< a few decoded completions
+
+  /// All numbers as a JSON object (samples included).
+  nlohmann::json to_json() const {
+    return {{"phase", phase}, {"reward_mean", reward_mean}, {"reward_std", reward_std},
+            {"reward_norm_mean", reward_norm_mean}, {"reward_norm_std", reward_norm_std}, {"kl", kl},
+            {"kl_coef", kl_coef}, {"entropy", entropy}, {"policy_loss", policy_loss}, {"value_loss", value_loss},
+            {"kl_loss", kl_loss}, {"clip_fraction", clip_fraction}, {"value_clip_fraction", value_clip_fraction},
+            {"approx_kl", approx_kl}, {"explained_variance", explained_variance},
+            {"learning_rate", learning_rate}, {"updates", updates}, {"seconds_generation", seconds_generation},
+            {"seconds_reward", seconds_reward}, {"seconds_reference", seconds_reference},
+            {"seconds_training", seconds_training}, {"tokens_per_second", tokens_per_second},
+            {"samples", samples}};
+  }
+};
+
+namespace detail {
+
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+/// Log-probabilities [B, G] of `tokens` [B, G] under logits(hidden [B, G, D]) / temperature, computed `chunk` rows
+/// at a time so the [B, G, V] logits never exist at once.
+template <class Base>
+torch::Tensor chunked_logprobs(Base& base, const torch::Tensor& hidden, const torch::Tensor& tokens,
+                               double temperature, int64_t chunk) {
+  std::vector<torch::Tensor> parts;
+  for (int64_t start = 0; start < hidden.size(0); start += chunk) {
+    const int64_t n = std::min(chunk, hidden.size(0) - start);
+    auto logits = base.logits(hidden.narrow(0, start, n)) / temperature;  // [n, G, V]
+    auto picked = logits.gather(-1, tokens.narrow(0, start, n).unsqueeze(-1)).squeeze(-1);
+    parts.push_back(picked - logits.logsumexp(-1));
+  }
+  return torch::cat(parts, 0);
+}
+
+template <class KLCtl>
+KLCtl kl_controller_from_coef(double coef) {
+  if constexpr (std::is_same_v<KLCtl, FixedKL>) {
+    return FixedKL{{.coef = coef}};
+  } else if constexpr (std::is_same_v<KLCtl, AdaptiveKL>) {
+    return AdaptiveKL{{.init = coef}};
+  } else {
+    static_assert(std::is_constructible_v<KLCtl, double>,
+                  "PPOTrainer: pass the KL controller to the constructor, or give it a constructor from the "
+                  "initial coefficient (double)");
+    return KLCtl(coef);
+  }
+}
+
+}  // namespace detail
+
+/// PPO trainer for language models. One `step()` is one phase: sample `batch_size` continuations with the KV cache,
+/// score them, compute reference log-probs and values without gradients, shape rewards and advantages, then run
+/// `batches_per_learning_phase` epochs of shuffled minibatch updates of the clipped surrogate + value loss -
+/// entropy bonus (+ full-vocabulary KL term), with AdamW (base / value-head parameter groups), gradient clipping and
+/// warmup + linear decay of the learning rate.
+///
+/// `Policy`: a PolicyModel (e.g. ActorCritic<GPT2<>, MLPValueHead>); `RewardFn`: a Reward; `KLCtl`: a
+/// KLController (FixedKL or AdaptiveKL). For full fine-tuning the reference is a frozen copy of the base model.
+template <class Policy, class RewardFn, class KLCtl = AdaptiveKL>
+class PPOTrainer {
+  static_assert(PolicyModel<Policy>, "PPOTrainer: the Model slot needs a PolicyModel (e.g. rlhf::ActorCritic<>): "
+                                     "forward(ids, mask), values(hidden), base_parameters(), head_parameters()");
+  static_assert(Reward<RewardFn>, "PPOTrainer: the Reward slot needs operator()(const rlhf::Rollout&) returning "
+                                  "a [B] tensor of scores (wrap a callable in rlhf::FunctionReward)");
+  static_assert(KLController<KLCtl>, "PPOTrainer: the KL controller slot needs value() -> double and "
+                                     "update(double kl, int64_t n_steps)");
+
+ public:
+  using Base = typename Policy::Impl::BaseType;
+  /// Called after every phase with its statistics: logging, checkpoints, recording, early stopping.
+  using Callback = std::function<void(const PhaseStats&, PPOTrainer&)>;
+
+  /// `tokenizer` turns prompts into ids and samples into text for the reward.
+  PPOTrainer(Policy policy, RewardFn reward, KLCtl kl, PPOConfig config, GPT2Tokenizer tokenizer)
+      : policy_(std::move(policy)),
+        reward_(std::move(reward)),
+        kl_(std::move(kl)),
+        config_(std::move(config)),
+        tokenizer_(std::move(tokenizer)),
+        shuffle_(at::make_generator<at::CPUGeneratorImpl>(config_.seed)) {
+    config_.validate();
+    auto& base = *policy_->base;
+    reference_ = Base(base.config());
+    reference_->place(base.device(), base.dtype());
+    copy_parameters(base, *reference_);
+    for (auto& p : reference_->parameters()) p.requires_grad_(false);
+    reference_->eval();
+    using torch::optim::AdamWOptions;
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(policy_->base_parameters(),
+                        std::make_unique<AdamWOptions>(AdamWOptions(config_.base_lr).weight_decay(config_.weight_decay)));
+    groups.emplace_back(policy_->head_parameters(),
+                        std::make_unique<AdamWOptions>(AdamWOptions(config_.head_lr).weight_decay(config_.weight_decay)));
+    optimizer_ = std::make_unique<torch::optim::AdamW>(std::move(groups));
+  }
+
+  /// As above with the KL controller built from `config.kl_coef`.
+  PPOTrainer(Policy policy, RewardFn reward, PPOConfig config, GPT2Tokenizer tokenizer)
+      : PPOTrainer(std::move(policy), std::move(reward), detail::kl_controller_from_coef<KLCtl>(config.kl_coef),
+                   config, std::move(tokenizer)) {}
+
+  /// One phase on `batch_size` copies of `config.prefix`.
+  PhaseStats step() { return step(std::vector<std::string>(config_.batch_size, config_.prefix)); }
+
+  /// One phase on these prompts (exactly batch_size of them).
+  PhaseStats step(const std::vector<std::string>& prompts) {
+    if (static_cast<int64_t>(prompts.size()) != config_.batch_size)
+      detail::fail("PPOTrainer::step: got {} prompts, PPOConfig::batch_size is {}", prompts.size(),
+                   config_.batch_size);
+    auto batch = encode_batch(tokenizer_, prompts, tokenizer_.eos_id(), false, config_.prepend_bos);
+    return run_phase(batch.input_ids, batch.attention_mask, prompts);
+  }
+
+  /// Adds a callback run after every phase.
+  void on_phase_end(Callback callback) { callbacks_.push_back(std::move(callback)); }
+
+  Policy& policy() { return policy_; }
+  Base& reference() { return reference_; }
+  KLCtl& kl_controller() { return kl_; }
+  const PPOConfig& config() const { return config_; }
+  const GPT2Tokenizer& tokenizer() const { return tokenizer_; }
+  torch::optim::AdamW& optimizer() { return *optimizer_; }
+  /// Phases completed.
+  int64_t phase() const { return phase_; }
+
+ private:
+  PhaseStats run_phase(const torch::Tensor& prompt_ids, const torch::Tensor& prompt_mask,
+                       const std::vector<std::string>& prompts) {
+    const auto phase_start = std::chrono::steady_clock::now();
+    auto& base = *policy_->base;
+    const auto device = base.device();
+    PhaseStats stats;
+    stats.phase = phase_;
+    stats.kl_coef = kl_.value();
+
+    // ---- rollout ----
+    auto start = std::chrono::steady_clock::now();
+    SamplingConfig sampling{.max_new_tokens = config_.gen_len, .temperature = config_.temperature,
+                            .top_k = config_.top_k, .top_p = config_.top_p, .stop_at_eos = config_.stop_at_eos,
+                            .eos_id = tokenizer_.eos_id(), .pad_id = tokenizer_.eos_id(),
+                            .seed = config_.seed * 1000003ULL + static_cast<uint64_t>(phase_)};
+    Generation gen = generate(base, prompt_ids.to(device), prompt_mask.to(device), sampling);
+    stats.seconds_generation = detail::seconds_since(start);
+    const int64_t batch = gen.ids.size(0), p = gen.prompt_length, g = config_.gen_len;
+    torch::Tensor gen_mask = gen.generated_mask.to(torch::kFloat);  // [B, G]
+    torch::Tensor tokens = gen.new_tokens();                // [B, G]
+
+    // ---- reward ----
+    start = std::chrono::steady_clock::now();
+    Rollout rollout{gen.ids, gen.attention_mask, gen.generated_mask, p, prompts, decode_completions(gen)};
+    torch::Tensor raw_scores = check_scores(reward_(rollout), batch);  // [B] fp32 CPU
+    stats.reward_mean = raw_scores.mean().item<double>();
+    stats.reward_std = batch > 1 ? raw_scores.std().item<double>() : 0.0;
+    torch::Tensor scores = raw_scores;
+    if (config_.normalize_reward && batch > 1) scores = (scores - scores.mean()) / (scores.std() + 1e-5);
+    scores = scores * config_.reward_scale;
+    if (config_.reward_clip) scores = scores.clamp(-*config_.reward_clip, *config_.reward_clip);
+    stats.reward_norm_mean = scores.mean().item<double>();
+    stats.reward_norm_std = batch > 1 ? scores.std().item<double>() : 0.0;
+    scores = scores.to(device);
+    stats.seconds_reward = detail::seconds_since(start);
+    for (int64_t i = 0; i < std::min<int64_t>(batch, 4); ++i) stats.samples.push_back(rollout.completions[i]);
+
+    // ---- reference, old log-probs and values (no gradients) ----
+    start = std::chrono::steady_clock::now();
+    torch::Tensor old_logprobs, old_values, ref_logprobs, ref_hidden;
+    {
+      torch::NoGradGuard no_grad;
+      policy_->eval();
+      const int64_t chunk = config_.minibatch_size();
+      auto hidden = policy_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g);  // [B, G, D]
+      old_values = policy_->values(hidden);                                            // [B, G]
+      old_logprobs = detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk);
+      ref_hidden = reference_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g).contiguous();
+      ref_logprobs = detail::chunked_logprobs(*reference_, ref_hidden, tokens, config_.temperature, chunk);
+    }
+    stats.seconds_reference = detail::seconds_since(start);
+
+    // ---- rewards, KL shaping, advantages ----
+    torch::Tensor kl_tokens = kl_per_token(old_logprobs, ref_logprobs, config_.kl_estimator) * gen_mask;  // [B, G]
+    stats.kl = kl_tokens.sum(1).mean().item<double>();
+    auto rewards = torch::zeros_like(old_logprobs);  // [B, G]
+    if (config_.kl_placement == KLPlacement::reward) rewards = rewards - stats.kl_coef * kl_tokens;
+    auto last = (gen_mask.sum(1) - 1).clamp_min(0).to(torch::kLong).unsqueeze(1);  // [B, 1]: last generated token
+    rewards.scatter_add_(1, last, scores.unsqueeze(1));
+    Advantages adv = gae(rewards, old_values, gen_mask, config_.gamma, config_.lambda);
+    torch::Tensor advantages = config_.whiten_advantages ? masked_whiten(adv.advantages, gen_mask) : adv.advantages;
+    stats.explained_variance = explained_variance(old_values, adv.returns, gen_mask).item<double>();
+
+    // ---- learning ----
+    start = std::chrono::steady_clock::now();
+    const double scale = config_.lr_scale(phase_);
+    set_learning_rates(scale);
+    stats.learning_rate = config_.base_lr * scale;
+    if (config_.train_dropout) policy_->train();
+    const int64_t mbs = config_.minibatch_size();
+    double sum_pg = 0, sum_vf = 0, sum_ent = 0, sum_clip = 0, sum_vclip = 0, sum_akl = 0, sum_kl = 0;
+    bool stop = false;
+    for (int64_t epoch = 0; epoch < config_.batches_per_learning_phase && !stop; ++epoch) {
+      auto order = torch::randperm(batch, shuffle_, torch::TensorOptions().dtype(torch::kLong)).to(device);
+      for (int64_t m = 0; m < config_.num_minibatches; ++m) {
+        auto idx = order.narrow(0, m * mbs, mbs);
+        torch::Tensor mask = gen_mask.index_select(0, idx);
+        torch::Tensor hidden = policy_->forward(gen.ids.index_select(0, idx), gen.attention_mask.index_select(0, idx))
+                          .narrow(1, p - 1, g);                        // [mb, G, D]
+        torch::Tensor values = policy_->values(hidden);                // [mb, G]
+        torch::Tensor logp_all = (base.logits(hidden) / config_.temperature).log_softmax(-1);  // [mb, G, V]
+        auto logprobs = logp_all.gather(-1, tokens.index_select(0, idx).unsqueeze(-1)).squeeze(-1);
+        auto probs = logp_all.exp();
+        torch::Tensor entropy = masked_mean(-(probs * logp_all).sum(-1), mask);
+        PolicyLossOutput pg = clipped_surrogate(logprobs, old_logprobs.index_select(0, idx), advantages.index_select(0, idx),
+                                    mask, config_.clip_coef);
+        ValueLossOutput vf = value_loss(values, old_values.index_select(0, idx), adv.returns.index_select(0, idx), mask,
+                             config_.clip_value);
+        torch::Tensor loss = pg.loss + config_.vf_coef * vf.loss - config_.ent_coef * entropy;
+        if (config_.kl_placement == KLPlacement::loss) {
+          torch::Tensor ref_logp_all;
+          {
+            torch::NoGradGuard no_grad;
+            ref_logp_all = (reference_->logits(ref_hidden.index_select(0, idx)) / config_.temperature)
+                               .log_softmax(-1);  // [mb, G, V]
+          }
+          torch::Tensor kl_term = masked_mean((probs * (logp_all - ref_logp_all)).sum(-1), mask);
+          loss = loss + stats.kl_coef * kl_term;
+          sum_kl += kl_term.item<double>();
+        }
+        optimizer_->zero_grad();
+        loss.backward();
+        if (config_.max_grad_norm > 0) {
+          std::vector<torch::Tensor> params = policy_->base_parameters();
+          for (auto& t : policy_->head_parameters()) params.push_back(t);
+          torch::nn::utils::clip_grad_norm_(params, config_.max_grad_norm);
+        }
+        optimizer_->step();
+        ++stats.updates;
+        sum_pg += pg.loss.item<double>();
+        sum_vf += vf.loss.item<double>();
+        sum_ent += entropy.item<double>();
+        sum_clip += pg.clip_fraction.item<double>();
+        sum_vclip += vf.clip_fraction.item<double>();
+        const double akl = pg.approx_kl.item<double>();
+        sum_akl += akl;
+        if (config_.target_kl && akl > 1.5 * *config_.target_kl) {
+          stop = true;
+          break;
+        }
+      }
+    }
+    policy_->eval();
+    const double n = static_cast<double>(std::max<int64_t>(stats.updates, 1));
+    stats.policy_loss = sum_pg / n;
+    stats.value_loss = sum_vf / n;
+    stats.entropy = sum_ent / n;
+    stats.clip_fraction = sum_clip / n;
+    stats.value_clip_fraction = sum_vclip / n;
+    stats.approx_kl = sum_akl / n;
+    stats.kl_loss = sum_kl / n;
+    stats.seconds_training = detail::seconds_since(start);
+
+    kl_.update(stats.kl, batch);
+    ++phase_;
+    const double total = detail::seconds_since(phase_start);
+    stats.tokens_per_second = gen_mask.sum().item<double>() / total;
+    for (auto& callback : callbacks_) callback(stats, *this);
+    return stats;
+  }
+
+  std::vector<std::string> decode_completions(const Generation& gen) const {
+    auto tokens = gen.new_tokens().to(torch::kCPU).contiguous();
+    auto mask = gen.generated_mask.to(torch::kCPU).contiguous();
+    std::vector<std::string> out;
+    out.reserve(tokens.size(0));
+    for (int64_t row = 0; row < tokens.size(0); ++row) {
+      std::vector<int64_t> ids;
+      const int64_t* t = tokens[row].data_ptr<int64_t>();
+      const int64_t* m = mask[row].data_ptr<int64_t>();
+      for (int64_t j = 0; j < tokens.size(1); ++j)
+        if (m[j]) ids.push_back(t[j]);
+      out.push_back(tokenizer_.decode(ids));
+    }
+    return out;
+  }
+
+  void set_learning_rates(double scale) {
+    auto& groups = optimizer_->param_groups();
+    static_cast<torch::optim::AdamWOptions&>(groups[0].options()).lr(config_.base_lr * scale);
+    static_cast<torch::optim::AdamWOptions&>(groups[1].options()).lr(config_.head_lr * scale);
+  }
+
+  Policy policy_;
+  RewardFn reward_;
+  KLCtl kl_;
+  PPOConfig config_;
+  GPT2Tokenizer tokenizer_;
+  Base reference_{nullptr};
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  torch::Generator shuffle_;
+  int64_t phase_ = 0;
+  std::vector<Callback> callbacks_;
+};
+
+}  // namespace rlhf
