@@ -109,6 +109,20 @@ TEST_CASE("ppo trainer: bad input is refused") {
                        rlhf::Error);
 }
 
+TEST_CASE("ppo trainer: target KL stops a phase's epochs early") {
+  auto reward = rlhf::FunctionReward(count_digits);
+  rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);
+  config.base_lr = 5e-2;  // large steps: the first minibatch already moves the policy far
+  config.target_kl = 1e-6;
+  rlhf::GPT2PPOTrainer<decltype(reward)> trainer(tiny_policy(2), reward, config, rlhf::GPT2Tokenizer::byte_level());
+  static_assert(std::is_same_v<decltype(trainer)::Base, rlhf::GPT2<>>);
+  trainer.step();                       // warmup: lr = base_lr / 2
+  auto stats = trainer.step();
+  CHECK(stats.updates < config.num_minibatches * config.batches_per_learning_phase);
+  CHECK(stats.updates >= 1);
+  CHECK(stats.approx_kl > 1.5e-6);
+}
+
 TEST_CASE("ppo config: the learning-rate schedule warms up then decays linearly") {
   rlhf::PPOConfig config{.total_phases = 10, .warmup_steps = 4, .final_scale = 0.1};
   CHECK(config.lr_scale(0) == doctest::Approx(0.25));

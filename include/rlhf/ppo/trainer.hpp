@@ -365,4 +365,13 @@ class PPOTrainer {
   std::vector<Callback> callbacks_;
 };
 
+// ---- names for the common compositions ----
+
+/// GPT-2 with the seed notebook's MLP value head, fully fine-tuned.
+using GPT2Policy = ActorCritic<GPT2<>, MLPValueHead>;
+
+/// PPO on GPT-2 with the adaptive KL controller: `rlhf::GPT2PPOTrainer<decltype(reward)> trainer(...)`.
+template <class RewardFn>
+using GPT2PPOTrainer = PPOTrainer<GPT2Policy, RewardFn, AdaptiveKL>;
+
 }  // namespace rlhf
