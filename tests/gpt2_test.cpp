@@ -89,6 +89,10 @@ TEST_CASE("GPT2Config reads a Hugging Face config.json") {
     "summary_first_dropout": 0.1, "summary_proj_to_labels": true, "summary_type": "cls_index",
     "summary_use_proj": true, "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
     "vocab_size": 50257})");
+  // Keys that newer Hugging Face releases write into every config.json carry no meaning for the model.
+  json["transformers_version"] = "4.57.0";
+  json["dtype"] = "float32";
+  json["use_cache"] = true;
   auto config = GPT2Config::from_json(json, "gpt2/config.json");
   CHECK(config == GPT2Config{});
   CHECK(config.d_head() == 64);

@@ -75,7 +75,9 @@ inline const std::set<std::string, std::less<>>& ignored_hf_config_keys() {
       "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
       "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
       "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-      "begin_suppress_tokens"};
+      "begin_suppress_tokens", "dtype", "use_return_dict", "attn_implementation", "_attn_implementation_internal",
+      "base_model_tp_plan", "base_model_pp_plan", "tp_plan", "pp_plan", "output_router_logits",
+      "_output_attentions", "torch_dtype_autoset", "num_labels"};
   return keys;
 }
 
