@@ -10,7 +10,9 @@
 #include <rlhf/model/conv1d.hpp>
 #include <rlhf/model/kv_cache.hpp>
 #include <rlhf/model/gpt2.hpp>
+#include <rlhf/adapters/adapter.hpp>
 #include <rlhf/adapters/no_adapter.hpp>
+#include <rlhf/adapters/lora.hpp>
 #include <rlhf/tokenizer/gpt2_tokenizer.hpp>
 #include <rlhf/tokenizer/batch_encode.hpp>
 #include <rlhf/generation/sampling.hpp>

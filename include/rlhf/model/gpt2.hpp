@@ -12,6 +12,7 @@
 
 #include <torch/torch.h>
 
+#include <rlhf/adapters/adapter.hpp>
 #include <rlhf/adapters/no_adapter.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
@@ -75,8 +76,10 @@ class GPT2AttentionImpl : public torch::nn::Module {
   GPT2AttentionImpl(const GPT2Config& config, int64_t layer_idx)
       : n_head_(config.n_head), d_head_(config.d_head()), attn_pdrop_(config.attn_pdrop) {
     const double proj_std = config.initializer_range / std::sqrt(2.0 * config.n_layer);
-    c_attn = register_module("c_attn", Linear(config.n_embd, 3 * config.n_embd, config.initializer_range));
-    c_proj = register_module("c_proj", Linear(config.n_embd, config.n_embd, proj_std));
+    c_attn = register_module("c_attn", Adapter::make_linear(config.n_embd, 3 * config.n_embd,
+                                                          config.initializer_range, LinearRole::attn_qkv));
+    c_proj = register_module("c_proj",
+                             Adapter::make_linear(config.n_embd, config.n_embd, proj_std, LinearRole::attn_out));
     scale_ = config.scale_attn_weights ? 1.0 / std::sqrt(static_cast<double>(d_head_)) : 1.0;
     if (config.scale_attn_by_inverse_layer_idx) scale_ /= static_cast<double>(layer_idx + 1);
   }
@@ -120,8 +123,10 @@ class GPT2MLPImpl : public torch::nn::Module {
 
   explicit GPT2MLPImpl(const GPT2Config& config) : activation_(config.activation_function) {
     const double proj_std = config.initializer_range / std::sqrt(2.0 * config.n_layer);
-    c_fc = register_module("c_fc", Linear(config.n_embd, config.d_mlp(), config.initializer_range));
-    c_proj = register_module("c_proj", Linear(config.d_mlp(), config.n_embd, proj_std));
+    c_fc = register_module(
+        "c_fc", Adapter::make_linear(config.n_embd, config.d_mlp(), config.initializer_range, LinearRole::mlp_in));
+    c_proj = register_module("c_proj",
+                             Adapter::make_linear(config.d_mlp(), config.n_embd, proj_std, LinearRole::mlp_out));
   }
 
   /// x: [B, T, D] -> [B, T, D]
@@ -197,11 +202,15 @@ struct LoadOptions {
 
 /// GPT-2 (Radford et al. 2019) with Hugging Face's parameter names ("transformer.h.0.attn.c_attn.weight", ...) and
 /// Conv1D weight layout, the language-model head tied to wte, layernorms computed in fp32.
-/// `Adapter` is the adapter policy (how linear layers are built): NoAdapter for plain weights.
+/// `Adapter` is the adapter policy (how linear layers are built, see the AdapterPolicy concept): NoAdapter for plain
+/// weights, LoRA<Rank, Targets> for low-rank adapters on frozen weights (then only the adapters train).
 template <class Adapter = NoAdapter>
 class GPT2Impl : public torch::nn::Module {
+  static_assert(AdapterPolicy<Adapter>, "GPT2: the adapter slot needs an AdapterPolicy: Linear, "
+                                        "make_linear(in, out, init_std, LinearRole), has_adapters, prepare_model()");
+
  public:
-  using AdapterPolicy = Adapter;
+  using AdapterPolicy = Adapter;  ///< the adapter policy the linear layers were built with
 
   /// A model with freshly initialised weights (N(0, initializer_range), output projections scaled by
   /// 1/sqrt(2 n_layer) as in GPT-2). Seed with torch::manual_seed for reproducible weights.
@@ -209,6 +218,7 @@ class GPT2Impl : public torch::nn::Module {
     config_.validate();
     transformer = register_module("transformer", std::make_shared<GPT2TransformerImpl<Adapter>>(config_));
     reset_embeddings();
+    Adapter::prepare_model(*this);
   }
 
   /// Final-layernorm output (the residual stream the value head reads) for `input_ids` [B, T]:
@@ -308,6 +318,8 @@ class GPT2 : public torch::nn::ModuleHolder<GPT2Impl<Adapter>> {
   /// `options.dtype` (layernorms stay fp32).
   static GPT2 from_pretrained(const std::filesystem::path& dir, const LoadOptions& options = {});
   /// Writes config.json and model.safetensors (names as GPT2LMHeadModel saves them) atomically into `dir`.
+  /// Adapters are not written (save them with save_adapters(), or merge_adapters() first to export the tuned
+  /// weights as a plain GPT-2 folder).
   void save_pretrained(const std::filesystem::path& dir) const;
 };
 
@@ -331,12 +343,15 @@ inline std::string shape_string(torch::IntArrayRef shape) { return fmt::format("
 
 /// Copies the tensors of `file` into `model`'s parameters (converting dtype and device). Names may carry the
 /// "transformer." prefix or not. Missing, unexpected or misshapen tensors are errors naming the file and tensor.
+/// Adapter parameters (lora_A, lora_B) are not expected in the file: they keep their fresh values (load them with
+/// load_adapters()).
 template <class Adapter>
 void load_gpt2_weights(GPT2Impl<Adapter>& model, const SafetensorsFile& file) {
   const std::string prefix = "transformer.";
   std::map<std::string, torch::Tensor> params;  // name without prefix -> parameter
   for (auto& item : model.named_parameters())
-    if (item.key().rfind(prefix, 0) == 0) params.emplace(item.key().substr(prefix.size()), item.value());
+    if (item.key().rfind(prefix, 0) == 0 && !is_adapter_parameter(item.key()))
+      params.emplace(item.key().substr(prefix.size()), item.value());
   const auto path = file.path().string();
   const auto& config = model.config();
   std::set<std::string> loaded;
@@ -384,7 +399,8 @@ template <class Adapter>
 void GPT2<Adapter>::save_pretrained(const std::filesystem::path& dir) const {
   std::filesystem::create_directories(dir);
   std::map<std::string, torch::Tensor> tensors;
-  for (const auto& item : (*this)->named_parameters()) tensors.emplace(item.key(), item.value().detach());
+  for (const auto& item : (*this)->named_parameters())
+    if (!is_adapter_parameter(item.key())) tensors.emplace(item.key(), item.value().detach());
   auto config = (*this)->config().to_json();
   const auto dtype = (*this)->dtype();
   config["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kHalf ? "float16" : "float32";

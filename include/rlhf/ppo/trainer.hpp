@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -13,6 +14,8 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <rlhf/adapters/adapter.hpp>
+#include <rlhf/adapters/lora.hpp>
 #include <rlhf/core/advantages.hpp>
 #include <rlhf/core/masked.hpp>
 #include <rlhf/detail/error.hpp>
@@ -121,7 +124,9 @@ KLCtl kl_controller_from_coef(double coef) {
 /// warmup + linear decay of the learning rate.
 ///
 /// `Policy`: a PolicyModel (e.g. ActorCritic<GPT2<>, MLPValueHead>); `RewardFn`: a Reward; `KLCtl`: a
-/// KLController (FixedKL or AdaptiveKL). For full fine-tuning the reference is a frozen copy of the base model.
+/// KLController (FixedKL or AdaptiveKL). For full fine-tuning the reference is a frozen copy of the base model; when
+/// the base model's adapter policy has adapters (e.g. GPT2<LoRA<8>>), the reference is the policy's own base with
+/// its adapters disabled (AdaptersDisabled), so no second copy of the weights exists.
 template <class Policy, class RewardFn, class KLCtl = AdaptiveKL>
 class PPOTrainer {
   static_assert(PolicyModel<Policy>, "PPOTrainer: the Model slot needs a PolicyModel (e.g. rlhf::ActorCritic<>): "
@@ -133,6 +138,8 @@ class PPOTrainer {
 
  public:
   using Base = typename Policy::Impl::BaseType;
+  /// True when the reference is the policy's base with adapters disabled rather than a frozen copy.
+  static constexpr bool kSharedReference = has_adapters_v<Base>;
   /// Called after every phase with its statistics: logging, checkpoints, recording, early stopping.
   using Callback = std::function<void(const PhaseStats&, PPOTrainer&)>;
 
@@ -145,12 +152,14 @@ class PPOTrainer {
         tokenizer_(std::move(tokenizer)),
         shuffle_(at::make_generator<at::CPUGeneratorImpl>(config_.seed)) {
     config_.validate();
-    auto& base = *policy_->base;
-    reference_ = Base(base.config());
-    reference_->place(base.device(), base.dtype());
-    copy_parameters(base, *reference_);
-    for (auto& p : reference_->parameters()) p.requires_grad_(false);
-    reference_->eval();
+    if constexpr (!kSharedReference) {
+      auto& base = *policy_->base;
+      reference_ = Base(base.config());
+      reference_->place(base.device(), base.dtype());
+      copy_parameters(base, *reference_);
+      for (auto& p : reference_->parameters()) p.requires_grad_(false);
+      reference_->eval();
+    }
     using torch::optim::AdamWOptions;
     std::vector<torch::optim::OptimizerParamGroup> groups;
     groups.emplace_back(policy_->base_parameters(),
@@ -181,7 +190,12 @@ class PPOTrainer {
   void on_phase_end(Callback callback) { callbacks_.push_back(std::move(callback)); }
 
   Policy& policy() { return policy_; }
-  Base& reference() { return reference_; }
+  /// The frozen copy of the initial base model (full fine-tuning only: an adapter policy has no copy).
+  Base& reference()
+    requires(!kSharedReference)
+  {
+    return reference_;
+  }
   KLCtl& kl_controller() { return kl_; }
   const PPOConfig& config() const { return config_; }
   const GPT2Tokenizer& tokenizer() const { return tokenizer_; }
@@ -237,8 +251,7 @@ class PPOTrainer {
       auto hidden = policy_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g);  // [B, G, D]
       old_values = policy_->values(hidden);                                            // [B, G]
       old_logprobs = detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk);
-      ref_hidden = reference_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g).contiguous();
-      ref_logprobs = detail::chunked_logprobs(*reference_, ref_hidden, tokens, config_.temperature, chunk);
+      std::tie(ref_hidden, ref_logprobs) = reference_logprobs(gen.ids, gen.attention_mask, tokens, p, chunk);
     }
     stats.seconds_reference = detail::seconds_since(start);
 
@@ -283,7 +296,7 @@ class PPOTrainer {
           torch::Tensor ref_logp_all;
           {
             torch::NoGradGuard no_grad;
-            ref_logp_all = (reference_->logits(ref_hidden.index_select(0, idx)) / config_.temperature)
+            ref_logp_all = (reference_logits(ref_hidden.index_select(0, idx)) / config_.temperature)
                                .log_softmax(-1);  // [mb, G, V]
           }
           torch::Tensor kl_term = masked_mean((probs * (logp_all - ref_logp_all)).sum(-1), mask);
@@ -331,6 +344,37 @@ class PPOTrainer {
     return stats;
   }
 
+  // ---- the reference model: a frozen copy, or the policy's base with adapters disabled ----
+
+  /// Reference final-layernorm outputs [B, G, D] at the positions predicting the G generated `tokens` [B, G] (the
+  /// prompt is `p` positions long), and their log-probs [B, G]. No gradients.
+  std::pair<torch::Tensor, torch::Tensor> reference_logprobs(const torch::Tensor& ids, const torch::Tensor& mask,
+                                                             const torch::Tensor& tokens, int64_t p, int64_t chunk) {
+    torch::NoGradGuard no_grad;
+    const int64_t g = tokens.size(1);
+    if constexpr (kSharedReference) {
+      auto& base = *policy_->base;
+      AdaptersDisabled off(base);
+      auto hidden = base.forward(ids, mask).narrow(1, p - 1, g).contiguous();  // [B, G, D]
+      return {hidden, detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk)};
+    } else {
+      auto hidden = reference_->forward(ids, mask).narrow(1, p - 1, g).contiguous();  // [B, G, D]
+      return {hidden, detail::chunked_logprobs(*reference_, hidden, tokens, config_.temperature, chunk)};
+    }
+  }
+
+  /// Reference logits [..., V] of reference hidden states [..., D]. No gradients.
+  torch::Tensor reference_logits(const torch::Tensor& hidden) {
+    torch::NoGradGuard no_grad;
+    if constexpr (kSharedReference) {
+      auto& base = *policy_->base;
+      AdaptersDisabled off(base);
+      return base.logits(hidden);
+    } else {
+      return reference_->logits(hidden);
+    }
+  }
+
   std::vector<std::string> decode_completions(const Generation& gen) const {
     auto tokens = gen.new_tokens().to(torch::kCPU).contiguous();
     auto mask = gen.generated_mask.to(torch::kCPU).contiguous();
@@ -358,7 +402,7 @@ class PPOTrainer {
   KLCtl kl_;
   PPOConfig config_;
   GPT2Tokenizer tokenizer_;
-  Base reference_{nullptr};
+  Base reference_{nullptr};  // the frozen copy (null when kSharedReference)
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   torch::Generator shuffle_;
   int64_t phase_ = 0;
