@@ -29,29 +29,6 @@ Speed sampling_speed(rlhf::GPT2Impl<>& model, int64_t batch, int64_t new_tokens)
   return {static_cast<double>(batch * new_tokens) / seconds, seconds};
 }
 
-/// `text` for a terminal: valid UTF-8 is kept, control characters become spaces, and bytes that are not valid
-/// UTF-8 (an untrained byte-level model writes many) are shown as \xNN.
-std::string printable(const std::string& text) {
-  std::string out;
-  for (size_t i = 0; i < text.size();) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    const size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
-    bool valid = len > 0 && i + len <= text.size();
-    for (size_t k = 1; valid && k < len; ++k) valid = (static_cast<unsigned char>(text[i + k]) >> 6) == 0x2;
-    if (!valid) {
-      out += fmt::format("\\x{:02x}", c);
-      ++i;
-    } else if (len == 1 && (c < 0x20 || c == 0x7f)) {
-      out += ' ';
-      ++i;
-    } else {
-      out.append(text, i, len);
-      i += len;
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -108,7 +85,7 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < prompts.size(); ++i) {
       auto row = tokens[static_cast<int64_t>(i)].contiguous();
       std::vector<int64_t> ids(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
-      fmt::print("[{}] {}\n", i, printable(prompts[i] + tokenizer.decode(ids)));
+      fmt::print("[{}] {}\n", i, rlhf::printable(prompts[i] + tokenizer.decode(ids)));
     }
     fmt::print("\nsampled {} x {} tokens in {:.2f} s: {:.1f} tokens/s\n", prompts.size(), new_tokens, seconds,
                static_cast<double>(prompts.size() * new_tokens) / seconds);

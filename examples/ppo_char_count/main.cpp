@@ -13,17 +13,13 @@ namespace {
 
 double count_periods(const std::string& text) { return static_cast<double>(std::count(text.begin(), text.end(), '.')); }
 
-std::string one_line(std::string text) {
-  std::replace(text.begin(), text.end(), '\n', ' ');
-  return text;
-}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"PPO on a small GPT-2: reward = number of '.' in the sample"};
   std::string model_dir;
-  int64_t phases = 30;
+  int64_t phases = 100;
   int threads = 0;
   rlhf::PPOConfig config{.seed = 1, .batch_size = 32, .num_minibatches = 4, .base_lr = 2e-3, .head_lr = 2e-3,
                          .warmup_steps = 3, .final_scale = 0.5, .gen_len = 16, .top_k = 0, .prefix = "This is",
@@ -65,9 +61,9 @@ int main(int argc, char** argv) {
                  last.explained_variance, last.tokens_per_second);
     }
     fmt::print("\nsamples of the first phase:\n");
-    for (const auto& s : first_samples) fmt::print("  {}{}\n", config.prefix, one_line(s));
+    for (const auto& s : first_samples) fmt::print("  {}{}\n", config.prefix, rlhf::printable(s));
     fmt::print("samples of the last phase:\n");
-    for (const auto& s : last.samples) fmt::print("  {}{}\n", config.prefix, one_line(s));
+    for (const auto& s : last.samples) fmt::print("  {}{}\n", config.prefix, rlhf::printable(s));
   } catch (const rlhf::Error& e) {
     fmt::print(stderr, "ppo_char_count: error: {}\n", e.what());
     return 1;

@@ -17,7 +17,7 @@ namespace detail::ppo_math {
 
 /// "[2, 3]" for a shape, for error messages.
 inline std::string shape_of(const torch::Tensor& t) {
-  return t.defined() ? fmt::format("[{}]", fmt::join(t.sizes(), ", ")) : std::string("an undefined tensor");
+  return t.defined() ? format_shape(t.sizes()) : std::string("an undefined tensor");
 }
 
 /// Throws unless `a` and `b` are defined tensors of the same shape, e.g. "masked_mean: mask has shape [2, 4], x has

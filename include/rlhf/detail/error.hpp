@@ -6,6 +6,7 @@
 #include <utility>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 namespace rlhf {
 
@@ -23,6 +24,12 @@ namespace detail {
 template <class... Args>
 [[noreturn]] inline void fail(fmt::format_string<Args...> format, Args&&... args) {
   throw Error(fmt::format(format, std::forward<Args>(args)...));
+}
+
+/// "[2, 3]" for a shape (any range of integers: std::vector<int64_t>, torch's IntArrayRef), for error messages.
+template <class Range>
+std::string format_shape(const Range& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
 }  // namespace detail

@@ -150,12 +150,6 @@ inline std::optional<uint64_t> as_non_negative_integer(const nlohmann::json& val
   return std::nullopt;
 }
 
-/// "[2, 3]" for a shape.
-template <class Range>
-std::string format_shape(const Range& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
-
 /// Validates one header entry `name: value` of the file described by `where` ("safetensors: {path}") whose data
 /// section holds `data_size` bytes, and returns it as a TensorInfo.
 inline TensorInfo parse_safetensors_entry(std::string_view where, const std::string& name, const nlohmann::json& value,

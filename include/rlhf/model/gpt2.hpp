@@ -301,7 +301,7 @@ class GPT2Impl : public torch::nn::Module {
       detail::fail("GPT2: {} positions exceed n_positions = {}", past + ids.size(1), config_.n_positions);
     if (mask.defined() && (mask.dim() != 2 || mask.size(0) != ids.size(0) || mask.size(1) != past + ids.size(1)))
       detail::fail("GPT2: attention_mask must be [{}, {}] (cached + new positions), got {}", ids.size(0),
-                   past + ids.size(1), fmt::format("{}", fmt::join(mask.sizes(), ", ")));
+                   past + ids.size(1), detail::format_shape(mask.sizes()));
   }
 
   GPT2Config config_;
@@ -337,7 +337,6 @@ inline bool is_ignorable_gpt2_tensor(const std::string& name) {
          name == "lm_head.weight";
 }
 
-inline std::string shape_string(torch::IntArrayRef shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
 }  // namespace detail
 
@@ -368,7 +367,7 @@ void load_gpt2_weights(GPT2Impl<Adapter>& model, const SafetensorsFile& file) {
     auto& param = it->second;
     if (param.sizes() != torch::IntArrayRef(info.shape))
       detail::fail("safetensors: {}: tensor '{}' has shape {}, config expects {}", path, info.name,
-                   detail::shape_string(info.shape), detail::shape_string(param.sizes()));
+                   detail::format_shape(info.shape), detail::format_shape(param.sizes()));
     if (!loaded.insert(name).second)
       detail::fail("safetensors: {}: tensor '{}' appears both with and without the 'transformer.' prefix", path,
                    name);
@@ -377,7 +376,7 @@ void load_gpt2_weights(GPT2Impl<Adapter>& model, const SafetensorsFile& file) {
   for (const auto& [name, param] : params)
     if (!loaded.contains(name))
       detail::fail("safetensors: {}: missing tensor '{}' (expected shape {}); {} of {} parameters found", path, name,
-                   detail::shape_string(param.sizes()), loaded.size(), params.size());
+                   detail::format_shape(param.sizes()), loaded.size(), params.size());
 }
 
 template <class Adapter>

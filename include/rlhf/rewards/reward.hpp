@@ -40,7 +40,7 @@ concept Reward = requires(R reward, const Rollout& rollout) {
 inline torch::Tensor check_scores(const torch::Tensor& scores, int64_t batch) {
   if (!scores.defined() || scores.dim() != 1 || scores.size(0) != batch)
     detail::fail("reward: expected one score per sample, shape [{}], got {}", batch,
-                 scores.defined() ? fmt::format("[{}]", fmt::join(scores.sizes(), ", ")) : "an undefined tensor");
+                 scores.defined() ? detail::format_shape(scores.sizes()) : "an undefined tensor");
   auto cpu = scores.detach().to(torch::kCPU, torch::kDouble).contiguous();
   const double* data = cpu.data_ptr<double>();
   for (int64_t i = 0; i < batch; ++i)
