@@ -346,33 +346,31 @@ class PPOTrainer {
 
   // ---- the reference model: a frozen copy, or the policy's base with adapters disabled ----
 
-  /// Reference final-layernorm outputs [B, G, D] at the positions predicting the G generated `tokens` [B, G] (the
-  /// prompt is `p` positions long), and their log-probs [B, G]. No gradients.
-  std::pair<torch::Tensor, torch::Tensor> reference_logprobs(const torch::Tensor& ids, const torch::Tensor& mask,
-                                                             const torch::Tensor& tokens, int64_t p, int64_t chunk) {
+  /// Runs `f(reference_base)` without gradients: the frozen copy, or the policy's base inside AdaptersDisabled.
+  template <class F>
+  auto with_reference(F&& f) {
     torch::NoGradGuard no_grad;
-    const int64_t g = tokens.size(1);
     if constexpr (kSharedReference) {
-      auto& base = *policy_->base;
-      AdaptersDisabled off(base);
-      auto hidden = base.forward(ids, mask).narrow(1, p - 1, g).contiguous();  // [B, G, D]
-      return {hidden, detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk)};
+      AdaptersDisabled off(*policy_->base);
+      return f(*policy_->base);
     } else {
-      auto hidden = reference_->forward(ids, mask).narrow(1, p - 1, g).contiguous();  // [B, G, D]
-      return {hidden, detail::chunked_logprobs(*reference_, hidden, tokens, config_.temperature, chunk)};
+      return f(*reference_);
     }
   }
 
-  /// Reference logits [..., V] of reference hidden states [..., D]. No gradients.
+  /// Reference final-layernorm outputs [B, G, D] at the positions predicting the G generated `tokens` [B, G] (the
+  /// prompt is `p` positions long), and their log-probs [B, G].
+  std::pair<torch::Tensor, torch::Tensor> reference_logprobs(const torch::Tensor& ids, const torch::Tensor& mask,
+                                                             const torch::Tensor& tokens, int64_t p, int64_t chunk) {
+    return with_reference([&](auto& reference) {
+      auto hidden = reference.forward(ids, mask).narrow(1, p - 1, tokens.size(1)).contiguous();  // [B, G, D]
+      return std::pair{hidden, detail::chunked_logprobs(reference, hidden, tokens, config_.temperature, chunk)};
+    });
+  }
+
+  /// Reference logits [..., V] of reference hidden states [..., D].
   torch::Tensor reference_logits(const torch::Tensor& hidden) {
-    torch::NoGradGuard no_grad;
-    if constexpr (kSharedReference) {
-      auto& base = *policy_->base;
-      AdaptersDisabled off(base);
-      return base.logits(hidden);
-    } else {
-      return reference_->logits(hidden);
-    }
+    return with_reference([&](auto& reference) { return reference.logits(hidden); });
   }
 
   std::vector<std::string> decode_completions(const Generation& gen) const {
