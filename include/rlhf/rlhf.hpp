@@ -4,6 +4,7 @@
 #include <rlhf/version.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/runtime.hpp>
+#include <rlhf/core/precision.hpp>
 #include <rlhf/log/printable.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>

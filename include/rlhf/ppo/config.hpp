@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include <rlhf/core/precision.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/ppo/kl.hpp>
 
@@ -54,6 +55,7 @@ struct PPOConfig {
   KLEstimator kl_estimator = KLEstimator::k1;    ///< per-token estimator (reward placement and statistics)
   std::optional<double> target_kl;        ///< stop the phase's epochs once approx KL exceeds 1.5 x this
   bool train_dropout = false;             ///< keep dropout on in learning forwards (off in rollouts always)
+  Precision precision = Precision::fp32;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses)
 
   /// Minibatch size (batch_size / num_minibatches).
   int64_t minibatch_size() const { return batch_size / num_minibatches; }

@@ -18,6 +18,7 @@
 #include <rlhf/adapters/lora.hpp>
 #include <rlhf/core/advantages.hpp>
 #include <rlhf/core/masked.hpp>
+#include <rlhf/core/precision.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/generation/sampling.hpp>
 #include <rlhf/model/actor_critic.hpp>
@@ -100,6 +101,23 @@ torch::Tensor chunked_logprobs(Base& base, const torch::Tensor& hidden, const to
   }
   return torch::cat(parts, 0);
 }
+
+/// What the learning epochs need of a phase's rollout (all [B, ...], on the policy's device).
+struct RolloutData {
+  torch::Tensor ids, attention_mask;  // [B, P + G]
+  torch::Tensor tokens, mask;         // [B, G] generated tokens, 1 = generated
+  torch::Tensor old_logprobs, old_values, advantages, returns;  // [B, G]
+  torch::Tensor ref_hidden;           // [B, G, D] reference final-layernorm outputs
+  int64_t p = 0, g = 0;               // prompt length, generated length
+};
+
+struct MinibatchTerms {
+  torch::Tensor loss;
+  PolicyLossOutput pg;
+  ValueLossOutput vf;
+  torch::Tensor entropy;  // masked mean
+  torch::Tensor kl_term;  // full-vocabulary KL (KLPlacement::loss only)
+};
 
 template <class KLCtl>
 KLCtl kl_controller_from_coef(double coef) {
@@ -219,7 +237,10 @@ class PPOTrainer {
                             .top_k = config_.top_k, .top_p = config_.top_p, .stop_at_eos = config_.stop_at_eos,
                             .eos_id = tokenizer_.eos_id(), .pad_id = tokenizer_.eos_id(),
                             .seed = config_.seed * 1000003ULL + static_cast<uint64_t>(phase_)};
-    Generation gen = generate(base, prompt_ids.to(device), prompt_mask.to(device), sampling);
+    Generation gen = [&] {
+      AutocastScope autocast(config_.precision, device);
+      return generate(base, prompt_ids.to(device), prompt_mask.to(device), sampling);
+    }();
     stats.seconds_generation = detail::seconds_since(start);
     const int64_t batch = gen.ids.size(0), p = gen.prompt_length, g = config_.gen_len;
     torch::Tensor gen_mask = gen.generated_mask.to(torch::kFloat);  // [B, G]
@@ -246,6 +267,7 @@ class PPOTrainer {
     torch::Tensor old_logprobs, old_values, ref_logprobs, ref_hidden;
     {
       torch::NoGradGuard no_grad;
+      AutocastScope autocast(config_.precision, device);
       policy_->eval();
       const int64_t chunk = config_.minibatch_size();
       auto hidden = policy_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g);  // [B, G, D]
@@ -268,6 +290,8 @@ class PPOTrainer {
 
     // ---- learning ----
     start = std::chrono::steady_clock::now();
+    const detail::RolloutData rollout_data{gen.ids, gen.attention_mask, tokens, gen_mask, old_logprobs, old_values,
+                                   advantages, adv.returns, ref_hidden, p, g};
     const double scale = config_.lr_scale(phase_);
     set_learning_rates(scale);
     stats.learning_rate = config_.base_lr * scale;
@@ -279,32 +303,10 @@ class PPOTrainer {
       auto order = torch::randperm(batch, shuffle_, torch::TensorOptions().dtype(torch::kLong)).to(device);
       for (int64_t m = 0; m < config_.num_minibatches; ++m) {
         auto idx = order.narrow(0, m * mbs, mbs);
-        torch::Tensor mask = gen_mask.index_select(0, idx);
-        torch::Tensor hidden = policy_->forward(gen.ids.index_select(0, idx), gen.attention_mask.index_select(0, idx))
-                          .narrow(1, p - 1, g);                        // [mb, G, D]
-        torch::Tensor values = policy_->values(hidden);                // [mb, G]
-        torch::Tensor logp_all = (base.logits(hidden) / config_.temperature).log_softmax(-1);  // [mb, G, V]
-        auto logprobs = logp_all.gather(-1, tokens.index_select(0, idx).unsqueeze(-1)).squeeze(-1);
-        auto probs = logp_all.exp();
-        torch::Tensor entropy = masked_mean(-(probs * logp_all).sum(-1), mask);
-        PolicyLossOutput pg = clipped_surrogate(logprobs, old_logprobs.index_select(0, idx), advantages.index_select(0, idx),
-                                    mask, config_.clip_coef);
-        ValueLossOutput vf = value_loss(values, old_values.index_select(0, idx), adv.returns.index_select(0, idx), mask,
-                             config_.clip_value);
-        torch::Tensor loss = pg.loss + config_.vf_coef * vf.loss - config_.ent_coef * entropy;
-        if (config_.kl_placement == KLPlacement::loss) {
-          torch::Tensor ref_logp_all;
-          {
-            torch::NoGradGuard no_grad;
-            ref_logp_all = (reference_logits(ref_hidden.index_select(0, idx)) / config_.temperature)
-                               .log_softmax(-1);  // [mb, G, V]
-          }
-          torch::Tensor kl_term = masked_mean((probs * (logp_all - ref_logp_all)).sum(-1), mask);
-          loss = loss + stats.kl_coef * kl_term;
-          sum_kl += kl_term.item<double>();
-        }
+        detail::MinibatchTerms terms = minibatch_loss(rollout_data, idx, stats.kl_coef);
+        if (config_.kl_placement == KLPlacement::loss) sum_kl += terms.kl_term.item<double>();
         optimizer_->zero_grad();
-        loss.backward();
+        terms.loss.backward();
         if (config_.max_grad_norm > 0) {
           std::vector<torch::Tensor> params = policy_->base_parameters();
           for (auto& t : policy_->head_parameters()) params.push_back(t);
@@ -312,12 +314,12 @@ class PPOTrainer {
         }
         optimizer_->step();
         ++stats.updates;
-        sum_pg += pg.loss.item<double>();
-        sum_vf += vf.loss.item<double>();
-        sum_ent += entropy.item<double>();
-        sum_clip += pg.clip_fraction.item<double>();
-        sum_vclip += vf.clip_fraction.item<double>();
-        const double akl = pg.approx_kl.item<double>();
+        sum_pg += terms.pg.loss.item<double>();
+        sum_vf += terms.vf.loss.item<double>();
+        sum_ent += terms.entropy.item<double>();
+        sum_clip += terms.pg.clip_fraction.item<double>();
+        sum_vclip += terms.vf.clip_fraction.item<double>();
+        const double akl = terms.pg.approx_kl.item<double>();
         sum_akl += akl;
         if (config_.target_kl && akl > 1.5 * *config_.target_kl) {
           stop = true;
@@ -344,12 +346,43 @@ class PPOTrainer {
     return stats;
   }
 
+  // ---- one minibatch ----
+
+  /// The PPO loss of the rollout rows `idx`: clipped surrogate + vf_coef x value loss - ent_coef x entropy
+  /// (+ kl_coef x full-vocabulary KL). Forwards run under the configured precision; the terms are fp32.
+  detail::MinibatchTerms minibatch_loss(const detail::RolloutData& d, const torch::Tensor& idx, double kl_coef) {
+    auto& base = *policy_->base;
+    AutocastScope autocast(config_.precision, base.device());
+    detail::MinibatchTerms t;
+    torch::Tensor mask = d.mask.index_select(0, idx);
+    torch::Tensor hidden = policy_->forward(d.ids.index_select(0, idx), d.attention_mask.index_select(0, idx))
+                               .narrow(1, d.p - 1, d.g);  // [mb, G, D]
+    torch::Tensor values = policy_->values(hidden);        // [mb, G]
+    torch::Tensor logp_all = (base.logits(hidden) / config_.temperature).log_softmax(-1);  // [mb, G, V] fp32
+    torch::Tensor logprobs = logp_all.gather(-1, d.tokens.index_select(0, idx).unsqueeze(-1)).squeeze(-1);
+    torch::Tensor probs = logp_all.exp();
+    t.entropy = masked_mean(-(probs * logp_all).sum(-1), mask);
+    t.pg = clipped_surrogate(logprobs, d.old_logprobs.index_select(0, idx), d.advantages.index_select(0, idx), mask,
+                             config_.clip_coef);
+    t.vf = value_loss(values, d.old_values.index_select(0, idx), d.returns.index_select(0, idx), mask,
+                      config_.clip_value);
+    t.loss = t.pg.loss + config_.vf_coef * t.vf.loss - config_.ent_coef * t.entropy;
+    if (config_.kl_placement == KLPlacement::loss) {
+      torch::Tensor ref_logp_all =
+          (reference_logits(d.ref_hidden.index_select(0, idx)) / config_.temperature).log_softmax(-1);  // [mb,G,V]
+      t.kl_term = masked_mean((probs * (logp_all - ref_logp_all)).sum(-1), mask);
+      t.loss = t.loss + kl_coef * t.kl_term;
+    }
+    return t;
+  }
+
   // ---- the reference model: a frozen copy, or the policy's base with adapters disabled ----
 
   /// Runs `f(reference_base)` without gradients: the frozen copy, or the policy's base inside AdaptersDisabled.
   template <class F>
   auto with_reference(F&& f) {
     torch::NoGradGuard no_grad;
+    AutocastScope autocast(config_.precision, policy_->base->device());
     if constexpr (kSharedReference) {
       AdaptersDisabled off(*policy_->base);
       return f(*policy_->base);

@@ -1,0 +1,74 @@
+#pragma once
+/// @file Mixed precision: bf16 autocast on CPU (AMX) and CUDA, with fp32 master weights and optimiser state.
+
+#include <string>
+#include <string_view>
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
+#include <rlhf/detail/error.hpp>
+
+namespace rlhf {
+
+/// Precision of the forward passes. Weights, gradients and optimiser state stay fp32 in every mode; layernorms,
+/// softmax / log-softmax and the losses run in fp32 (the model upcasts before them).
+enum class Precision {
+  fp32,  ///< everything in fp32
+  bf16,  ///< matmuls and linear layers in bf16 under autocast (CPU: AMX where present; CUDA: tensor cores)
+};
+
+/// "fp32" / "bf16".
+inline std::string_view to_string(Precision p) { return p == Precision::bf16 ? "bf16" : "fp32"; }
+
+/// Parses "fp32" / "float32" / "bf16" / "bfloat16"; anything else is an error naming `field`.
+inline Precision parse_precision(std::string_view name, std::string_view field = "precision") {
+  if (name == "fp32" || name == "float32") return Precision::fp32;
+  if (name == "bf16" || name == "bfloat16") return Precision::bf16;
+  detail::fail("{}: '{}' is not a precision (expected fp32 or bf16)", field, name);
+}
+
+/// RAII scope that turns bf16 autocast on for `device`'s type (CPU or CUDA) when `precision` is bf16, and restores
+/// the previous autocast state on exit. Nestable; a no-op for fp32. Run forwards inside it and call backward()
+/// outside (autograd replays the casts).
+class AutocastScope {
+ public:
+  AutocastScope(Precision precision, torch::Device device) : active_(precision == Precision::bf16), cuda_(device.is_cuda()) {
+    if (!active_) return;
+    if (cuda_) {
+      was_enabled_ = at::autocast::is_enabled();
+      previous_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_enabled(true);
+      at::autocast::set_autocast_gpu_dtype(torch::kBFloat16);
+    } else {
+      was_enabled_ = at::autocast::is_cpu_enabled();
+      previous_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(torch::kBFloat16);
+    }
+    at::autocast::increment_nesting();
+  }
+
+  ~AutocastScope() {
+    if (!active_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();  // drop cached bf16 weight copies
+    if (cuda_) {
+      at::autocast::set_enabled(was_enabled_);
+      at::autocast::set_autocast_gpu_dtype(previous_dtype_);
+    } else {
+      at::autocast::set_cpu_enabled(was_enabled_);
+      at::autocast::set_autocast_cpu_dtype(previous_dtype_);
+    }
+  }
+
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  bool active_;
+  bool cuda_;
+  bool was_enabled_ = false;
+  at::ScalarType previous_dtype_ = torch::kBFloat16;
+};
+
+}  // namespace rlhf
