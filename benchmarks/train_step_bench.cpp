@@ -1,0 +1,98 @@
+// One PPO learning step (forward, loss, backward, AdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and
+// the same for a LoRA policy: seconds per step and achieved TFLOP/s of the matmuls.
+//
+//   train_step_bench [--batch 8] [--seq 66] [--gen 50] [--layers 12] [--steps 3] [--threads N]
+
+#include <chrono>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <rlhf/rlhf.hpp>
+
+namespace {
+
+struct StepArgs {
+  int64_t batch = 8, seq = 66, gen = 50, steps = 3;
+};
+
+/// Mean seconds of a training step: forward of the policy, PPO-style loss over the last `gen` positions (full-vocab
+/// log-softmax, entropy, value loss), backward, AdamW step.
+template <class Policy>
+double step_seconds(Policy& policy, rlhf::Precision precision, const StepArgs& a) {
+  policy->eval();  // PPOTrainer's default: no dropout in the learning forwards
+  const auto vocab = policy->base->config().vocab_size;
+  auto ids = torch::randint(0, vocab, {a.batch, a.seq}, torch::kLong);
+  std::vector<torch::Tensor> params = policy->base_parameters();
+  for (auto& p : policy->head_parameters()) params.push_back(p);
+  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(1e-5));
+  auto mask = torch::ones({a.batch, a.gen});
+  auto run = [&] {
+    torch::Tensor loss;
+    {
+      rlhf::AutocastScope autocast(precision, torch::kCPU);
+      auto hidden = policy->forward(ids).narrow(1, a.seq - a.gen - 1, a.gen);  // [B, G, D]
+      auto logp = policy->base->logits(hidden).log_softmax(-1);                // [B, G, V]
+      auto picked = logp.gather(-1, ids.narrow(1, a.seq - a.gen, a.gen).unsqueeze(-1)).squeeze(-1);
+      auto entropy = -(logp.exp() * logp).sum(-1);
+      auto values = policy->values(hidden);
+      loss = -rlhf::masked_mean(picked, mask) - 1e-3 * rlhf::masked_mean(entropy, mask) +
+             rlhf::masked_mean(values.pow(2), mask);
+    }
+    optimizer.zero_grad();
+    loss.backward();
+    optimizer.step();
+  };
+  run();  // warm-up
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < a.steps; ++i) run();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / a.steps;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"PPO training-step speed, fp32 vs bf16, full vs LoRA"};
+  StepArgs args;
+  rlhf::GPT2Config config;
+  int threads = 0;
+  app.add_option("--batch", args.batch)->capture_default_str();
+  app.add_option("--seq", args.seq)->capture_default_str();
+  app.add_option("--gen", args.gen)->capture_default_str();
+  app.add_option("--steps", args.steps)->capture_default_str();
+  app.add_option("--layers", config.n_layer)->capture_default_str();
+  app.add_option("--threads", threads, "0 = all cores");
+  CLI11_PARSE(app, argc, argv);
+  auto runtime = rlhf::configure_runtime({.threads = threads});
+  if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
+
+  // Matmul FLOPs of forward + backward (3x forward): blocks, plus the vocabulary projection of `gen` positions.
+  const double d = config.n_embd, v = config.vocab_size, tokens = args.batch * args.seq;
+  const double block_flops = 2.0 * tokens * config.n_layer * (12 * d * d + 2 * args.seq * d);
+  const double flops = 3.0 * (block_flops + 2.0 * args.batch * args.gen * d * v);
+
+  nlohmann::json results = nlohmann::json::array();
+  fmt::print("GPT-2 {} layers, batch {} x {} tokens ({} scored), {} threads\n", config.n_layer, args.batch, args.seq,
+             args.gen, runtime.threads);
+  fmt::print("{:<6} {:<6} {:>10} {:>10}\n", "model", "dtype", "s/step", "TFLOP/s");
+  auto report = [&](const char* model, rlhf::Precision precision, double seconds, double step_flops) {
+    fmt::print("{:<6} {:<6} {:>10.3f} {:>10.3f}\n", model, rlhf::to_string(precision), seconds,
+               step_flops / seconds / 1e12);
+    results.push_back({{"model", model}, {"precision", rlhf::to_string(precision)}, {"seconds_per_step", seconds},
+                       {"tflops", step_flops / seconds / 1e12}});
+  };
+  torch::manual_seed(0);
+  {
+    rlhf::GPT2Policy full{rlhf::GPT2<>(config)};
+    for (auto p : {rlhf::Precision::fp32, rlhf::Precision::bf16}) report("full", p, step_seconds(full, p, args), flops);
+  }
+  {
+    using LoRAPolicy = rlhf::ActorCritic<rlhf::GPT2<rlhf::LoRA<8, rlhf::Targets::Attention | rlhf::Targets::MLP>>>;
+    LoRAPolicy lora{rlhf::GPT2<rlhf::LoRA<8, rlhf::Targets::Attention | rlhf::Targets::MLP>>(config)};
+    // No weight gradients for frozen layers: backward costs ~2x forward instead of 3x.
+    for (auto p : {rlhf::Precision::fp32, rlhf::Precision::bf16})
+      report("lora", p, step_seconds(lora, p, args), flops * 2.0 / 3.0);
+  }
+  fmt::print("{}\n", nlohmann::json{{"benchmark", "train_step"}, {"threads", runtime.threads}, {"results", results}}.dump());
+}
