@@ -14,6 +14,7 @@
 #include <rlhf/model/gpt2.hpp>
 #include <rlhf/adapters/adapter.hpp>
 #include <rlhf/adapters/no_adapter.hpp>
+#include <rlhf/adapters/freeze.hpp>
 #include <rlhf/adapters/lora.hpp>
 #include <rlhf/tokenizer/gpt2_tokenizer.hpp>
 #include <rlhf/tokenizer/batch_encode.hpp>

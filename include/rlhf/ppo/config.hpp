@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include <rlhf/adapters/freeze.hpp>
 #include <rlhf/core/precision.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/ppo/kl.hpp>
@@ -56,6 +57,9 @@ struct PPOConfig {
   std::optional<double> target_kl;        ///< stop the phase's epochs once approx KL exceeds 1.5 x this
   bool train_dropout = false;             ///< keep dropout on in learning forwards (off in rollouts always)
   Precision precision = Precision::fp32;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses)
+  FreezeOptions freeze;                   ///< embeddings / first blocks of the base model kept frozen
+  double layer_lr_decay = 1.0;            ///< block i learns at base_lr x decay^(n_layer - i), embeddings at
+                                          ///< base_lr x decay^(n_layer + 1); 1 = one rate for the whole base
 
   /// Minibatch size (batch_size / num_minibatches).
   int64_t minibatch_size() const { return batch_size / num_minibatches; }
@@ -91,6 +95,8 @@ struct PPOConfig {
     if (clip_value && !(*clip_value > 0))
       detail::fail("PPOConfig: clip_value must be positive, got {}", *clip_value);
     if (target_kl && !(*target_kl > 0)) detail::fail("PPOConfig: target_kl must be positive, got {}", *target_kl);
+    if (!(layer_lr_decay > 0 && layer_lr_decay <= 1))
+      detail::fail("PPOConfig: layer_lr_decay must be in (0, 1], got {}", layer_lr_decay);
   }
 
   /// LR multiplier at `phase` (0-based): linear warmup to 1 over warmup_steps, then linear decay to final_scale at

@@ -3,6 +3,7 @@
 /// frozen reference model (Ziegler et al. 2019, arXiv 1909.08593), as the seed notebook runs it.
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -15,6 +16,7 @@
 #include <torch/torch.h>
 
 #include <rlhf/adapters/adapter.hpp>
+#include <rlhf/adapters/freeze.hpp>
 #include <rlhf/adapters/lora.hpp>
 #include <rlhf/core/advantages.hpp>
 #include <rlhf/core/masked.hpp>
@@ -178,13 +180,8 @@ class PPOTrainer {
       for (auto& p : reference_->parameters()) p.requires_grad_(false);
       reference_->eval();
     }
-    using torch::optim::AdamWOptions;
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.emplace_back(policy_->base_parameters(),
-                        std::make_unique<AdamWOptions>(AdamWOptions(config_.base_lr).weight_decay(config_.weight_decay)));
-    groups.emplace_back(policy_->head_parameters(),
-                        std::make_unique<AdamWOptions>(AdamWOptions(config_.head_lr).weight_decay(config_.weight_decay)));
-    optimizer_ = std::make_unique<torch::optim::AdamW>(std::move(groups));
+    freeze(*policy_->base, config_.freeze);
+    build_optimizer();
   }
 
   /// As above with the KL controller built from `config.kl_coef`.
@@ -422,10 +419,35 @@ class PPOTrainer {
     return out;
   }
 
+  /// AdamW over the trainable parameters only: one group per depth of the base model (embeddings, each block, the
+  /// final layernorm), learning at base_lr x layer_lr_decay^(n_layer + 1 - depth), and one for the value head at
+  /// head_lr. Empty groups (frozen layers) are left out.
+  void build_optimizer() {
+    using torch::optim::AdamWOptions;
+    const int64_t n_layer = policy_->base->config().n_layer;
+    std::vector<std::vector<torch::Tensor>> by_depth(n_layer + 2);
+    for (const auto& item : policy_->base->named_parameters())
+      if (item.value().requires_grad()) by_depth[gpt2_depth(item.key(), n_layer)].push_back(item.value());
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    auto add_group = [&](std::vector<torch::Tensor> params, double lr) {
+      if (params.empty()) return;
+      group_lrs_.push_back(lr);
+      groups.emplace_back(std::move(params),
+                          std::make_unique<AdamWOptions>(AdamWOptions(lr).weight_decay(config_.weight_decay)));
+    };
+    for (int64_t depth = 0; depth <= n_layer + 1; ++depth)
+      add_group(std::move(by_depth[depth]),
+                config_.base_lr * std::pow(config_.layer_lr_decay, static_cast<double>(n_layer + 1 - depth)));
+    add_group(policy_->head_parameters(), config_.head_lr);
+    if (groups.empty()) detail::fail("PPOTrainer: the policy has no trainable parameters (all frozen?)");
+    optimizer_ = std::make_unique<torch::optim::AdamW>(std::move(groups));
+  }
+
+  /// Sets every group's learning rate to its peak rate x `scale` (the schedule's multiplier).
   void set_learning_rates(double scale) {
     auto& groups = optimizer_->param_groups();
-    static_cast<torch::optim::AdamWOptions&>(groups[0].options()).lr(config_.base_lr * scale);
-    static_cast<torch::optim::AdamWOptions&>(groups[1].options()).lr(config_.head_lr * scale);
+    for (size_t i = 0; i < groups.size(); ++i)
+      static_cast<torch::optim::AdamWOptions&>(groups[i].options()).lr(group_lrs_[i] * scale);
   }
 
   Policy policy_;
@@ -435,6 +457,7 @@ class PPOTrainer {
   GPT2Tokenizer tokenizer_;
   Base reference_{nullptr};  // the frozen copy (null when kSharedReference)
   std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::vector<double> group_lrs_;  // peak learning rate of each optimiser group
   torch::Generator shuffle_;
   int64_t phase_ = 0;
   std::vector<Callback> callbacks_;
