@@ -25,6 +25,11 @@ TEST_CASE("precision: bf16 autocast forward agrees with fp32 and restores the st
   MESSAGE("mean |log p(bf16) - log p(fp32)| = " << mean_diff);
   CHECK(mean_diff < 2e-2);
   CHECK(mean_diff > 0);  // the bf16 path really ran
+  // The language-model loss of the same batch agrees to 1%.
+  auto targets = ids.narrow(1, 1, 19).unsqueeze(-1);
+  const double loss_fp32 = -fp32.narrow(1, 0, 19).gather(-1, targets).mean().item<double>();
+  const double loss_bf16 = -bf16.narrow(1, 0, 19).gather(-1, targets).mean().item<double>();
+  CHECK(loss_bf16 == doctest::Approx(loss_fp32).epsilon(0.01));
   {
     rlhf::AutocastScope scope(rlhf::Precision::fp32, torch::kCPU);
     CHECK_FALSE(at::autocast::is_cpu_enabled());

@@ -32,23 +32,7 @@ namespace fs = std::filesystem;
 
 // ---- helpers ----
 
-/// A fresh directory under the system temp dir, removed with its contents at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::random_device random;
-    path = fs::temp_directory_path() /
-           fmt::format("rlhf-safetensors-test-{}-{:08x}{:08x}", static_cast<long>(::getpid()), random(), random());
-    fs::create_directories(path);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-  fs::path operator/(std::string_view name) const { return path / name; }
-};
+using rlhf::test::TempDir;
 
 /// `n` as 8 little-endian bytes.
 std::string le64(uint64_t n) {
@@ -161,7 +145,7 @@ TEST_CASE("safetensors: opening rejects unreadable and truncated files with exac
     const fs::path path = dir / "missing.safetensors";
     CHECK_OPEN_FAILS(path, fmt::format("cannot open: {}", std::strerror(ENOENT)));
   }
-  SUBCASE("a directory") { CHECK_OPEN_FAILS(dir.path, fmt::format("cannot open: {}", std::strerror(EISDIR))); }
+  SUBCASE("a directory") { CHECK_OPEN_FAILS(dir.path(), fmt::format("cannot open: {}", std::strerror(EISDIR))); }
   SUBCASE("empty file") {
     const fs::path path = dir / "empty.safetensors";
     write_raw(path, "");
@@ -456,7 +440,7 @@ TEST_CASE("safetensors: metadata round trip") {
     CHECK_THROWS_WITH_AS(rlhf::save_safetensors(path, {{"w", torch::ones({2})}}, {{"k", "\xff"}}),
                          doctest::Contains("tensor names and metadata must be valid UTF-8"), rlhf::Error);
     CHECK(rlhf::read_file(path) == before);
-    CHECK(list_dir(dir.path) == std::vector<std::string>{"meta.safetensors"});
+    CHECK(list_dir(dir.path()) == std::vector<std::string>{"meta.safetensors"});
   }
 }
 
@@ -652,7 +636,7 @@ TEST_CASE("safetensors: save refuses what the format cannot hold, before touchin
       open_message(path, "tensor 's' has layout Sparse; only strided (dense) tensors can be saved").c_str(),
       rlhf::Error);
   CHECK(rlhf::read_file(path) == before);
-  CHECK(list_dir(dir.path) == std::vector<std::string>{"keep.safetensors"});
+  CHECK(list_dir(dir.path()) == std::vector<std::string>{"keep.safetensors"});
 }
 
 TEST_CASE("safetensors: atomic writes leave no temporary file and never clobber on failure") {
@@ -666,11 +650,11 @@ TEST_CASE("safetensors: atomic writes leave no temporary file and never clobber 
     CHECK(rlhf::read_file(path) == std::string("sec\0nd", 6));
     rlhf::write_file_atomic(path, "");
     CHECK(rlhf::read_file(path).empty());
-    CHECK(list_dir(dir.path) == std::vector<std::string>{"out.bin"});
+    CHECK(list_dir(dir.path()) == std::vector<std::string>{"out.bin"});
   }
   SUBCASE("a relative path writes into the working directory's file") {
     const fs::path previous = fs::current_path();
-    fs::current_path(dir.path);
+    fs::current_path(dir.path());
     rlhf::write_file_atomic("relative.bin", "here");
     fs::current_path(previous);
     CHECK(rlhf::read_file(dir / "relative.bin") == "here");
@@ -683,17 +667,17 @@ TEST_CASE("safetensors: atomic writes leave no temporary file and never clobber 
     };
     CHECK_THROWS_WITH_AS(rlhf::write_file_atomic_with(path, throwing), "writer gave up", std::runtime_error);
     CHECK(rlhf::read_file(path) == "old");
-    CHECK(list_dir(dir.path) == std::vector<std::string>{"out.bin"});
+    CHECK(list_dir(dir.path()) == std::vector<std::string>{"out.bin"});
   }
   SUBCASE("the writer sees the temporary file, next to the target") {
     rlhf::write_file_atomic_with(path, [&](std::FILE* file) {
       std::fputs("streamed", file);
-      const auto names = list_dir(dir.path);
+      const auto names = list_dir(dir.path());
       REQUIRE(names.size() == 1);
       CHECK(names[0].rfind(".out.bin.tmp.", 0) == 0);
     });
     CHECK(rlhf::read_file(path) == "streamed");
-    CHECK(list_dir(dir.path) == std::vector<std::string>{"out.bin"});
+    CHECK(list_dir(dir.path()) == std::vector<std::string>{"out.bin"});
   }
   SUBCASE("a missing directory throws and creates nothing") {
     const fs::path missing = dir / "no" / "such" / "dir" / "file.safetensors";
@@ -704,7 +688,7 @@ TEST_CASE("safetensors: atomic writes leave no temporary file and never clobber 
                          rlhf::Error);
     CHECK_THROWS_WITH_AS(rlhf::save_safetensors(missing, {{"w", torch::ones({2})}}),
                          doctest::Contains("cannot create a temporary file"), rlhf::Error);
-    CHECK(list_dir(dir.path).empty());
+    CHECK(list_dir(dir.path()).empty());
   }
   SUBCASE("the directory disappears mid-write: an error, nothing left behind") {
     const fs::path sub = dir / "sub";
@@ -717,11 +701,11 @@ TEST_CASE("safetensors: atomic writes leave no temporary file and never clobber 
     CHECK_THROWS_WITH_AS(rlhf::write_file_atomic_with(target, remove_directory), doctest::Contains("cannot rename"),
                          rlhf::Error);
     CHECK_FALSE(fs::exists(sub));
-    CHECK(list_dir(dir.path).empty());
+    CHECK(list_dir(dir.path()).empty());
   }
   SUBCASE("not a file path") {
-    CHECK_THROWS_WITH_AS(rlhf::write_file_atomic(dir.path / "", "x"),
-                         fmt::format("write_file_atomic: {}: not a path to a file", (dir.path / "").string()).c_str(),
+    CHECK_THROWS_WITH_AS(rlhf::write_file_atomic(dir.path() / "", "x"),
+                         fmt::format("write_file_atomic: {}: not a path to a file", (dir.path() / "").string()).c_str(),
                          rlhf::Error);
   }
   SUBCASE("read_file errors") {
@@ -730,8 +714,8 @@ TEST_CASE("safetensors: atomic writes leave no temporary file and never clobber 
                          fmt::format("read_file: {}: cannot open: {}", missing.string(), std::strerror(ENOENT)).c_str(),
                          rlhf::Error);
     CHECK_THROWS_WITH_AS(
-        rlhf::read_file(dir.path),
-        fmt::format("read_file: {}: read failed: {}", dir.path.string(), std::strerror(EISDIR)).c_str(), rlhf::Error);
+        rlhf::read_file(dir.path()),
+        fmt::format("read_file: {}: read failed: {}", dir.path().string(), std::strerror(EISDIR)).c_str(), rlhf::Error);
   }
   SUBCASE("new files get the usual permissions (0666 less the umask), not mkstemp's 0600") {
     const mode_t mask = ::umask(0);
