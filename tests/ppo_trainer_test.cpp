@@ -88,6 +88,24 @@ TEST_CASE("ppo trainer: the reference stays frozen and equals the initial policy
   CHECK(changed);
 }
 
+TEST_CASE("ppo trainer: a bf16 reference copy gives the fp32 reference's KL") {
+  auto reward = rlhf::FunctionReward(count_digits);
+  rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);
+  config.total_phases = 3;
+  std::vector<double> kl;
+  for (bool bf16 : {false, true}) {
+    config.reference_bf16 = bf16;
+    rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL> trainer(
+        tiny_policy(9), reward, config, rlhf::GPT2Tokenizer::byte_level());
+    CHECK((trainer.reference()->dtype() == (bf16 ? torch::kBFloat16 : torch::kFloat)));
+    trainer.step();
+    kl.push_back(trainer.step().kl);  // the policy has moved: KL > 0
+  }
+  MESSAGE("KL with an fp32 / bf16 reference: " << kl[0] << " / " << kl[1]);
+  CHECK(kl[0] > 0.01);
+  CHECK(kl[1] == doctest::Approx(kl[0]).epsilon(0.1));
+}
+
 TEST_CASE("ppo trainer: bad input is refused") {
   auto reward = rlhf::FunctionReward([](const std::string& s) { return s.empty() ? 0.0 : std::nan(""); });
   rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);

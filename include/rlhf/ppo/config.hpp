@@ -57,6 +57,8 @@ struct PPOConfig {
   std::optional<double> target_kl;        ///< stop the phase's epochs once approx KL exceeds 1.5 x this
   bool train_dropout = false;             ///< keep dropout on in learning forwards (off in rollouts always)
   Precision precision = Precision::fp32;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses)
+  bool reference_bf16 = false;            ///< store the frozen reference copy in bf16 (half its memory; full
+                                          ///< fine-tuning only: an adapter policy has no copy)
   FreezeOptions freeze;                   ///< embeddings / first blocks of the base model kept frozen
   double layer_lr_decay = 1.0;            ///< block i learns at base_lr x decay^(n_layer - i), embeddings at
                                           ///< base_lr x decay^(n_layer + 1); 1 = one rate for the whole base

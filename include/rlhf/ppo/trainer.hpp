@@ -175,7 +175,7 @@ class PPOTrainer {
     if constexpr (!kSharedReference) {
       auto& base = *policy_->base;
       reference_ = Base(base.config());
-      reference_->place(base.device(), base.dtype());
+      reference_->place(base.device(), config_.reference_bf16 ? torch::kBFloat16 : base.dtype());
       copy_parameters(base, *reference_);
       for (auto& p : reference_->parameters()) p.requires_grad_(false);
       reference_->eval();
