@@ -304,11 +304,7 @@ class PPOTrainer {
         if (config_.kl_placement == KLPlacement::loss) sum_kl += terms.kl_term.item<double>();
         optimizer_->zero_grad();
         terms.loss.backward();
-        if (config_.max_grad_norm > 0) {
-          std::vector<torch::Tensor> params = policy_->base_parameters();
-          for (auto& t : policy_->head_parameters()) params.push_back(t);
-          torch::nn::utils::clip_grad_norm_(params, config_.max_grad_norm);
-        }
+        if (config_.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(trainable_, config_.max_grad_norm);
         optimizer_->step();
         ++stats.updates;
         sum_pg += terms.pg.loss.item<double>();
@@ -432,6 +428,7 @@ class PPOTrainer {
     auto add_group = [&](std::vector<torch::Tensor> params, double lr) {
       if (params.empty()) return;
       group_lrs_.push_back(lr);
+      trainable_.insert(trainable_.end(), params.begin(), params.end());
       groups.emplace_back(std::move(params),
                           std::make_unique<AdamWOptions>(AdamWOptions(lr).weight_decay(config_.weight_decay)));
     };
@@ -457,7 +454,8 @@ class PPOTrainer {
   GPT2Tokenizer tokenizer_;
   Base reference_{nullptr};  // the frozen copy (null when kSharedReference)
   std::unique_ptr<torch::optim::AdamW> optimizer_;
-  std::vector<double> group_lrs_;  // peak learning rate of each optimiser group
+  std::vector<double> group_lrs_;        // peak learning rate of each optimiser group
+  std::vector<torch::Tensor> trainable_;  // every parameter the optimiser updates (for gradient clipping)
   torch::Generator shuffle_;
   int64_t phase_ = 0;
   std::vector<Callback> callbacks_;
