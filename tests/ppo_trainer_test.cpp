@@ -118,6 +118,14 @@ TEST_CASE("ppo trainer: bad input is refused") {
                        rlhf::Error);
   CHECK_THROWS_WITH_AS(trainer.step({"a", "b"}), "PPOTrainer::step: got 2 prompts, PPOConfig::batch_size is 4",
                        rlhf::Error);
+  auto bigger = rlhf::GPT2Policy(rlhf::GPT2<>(rlhf::GPT2Config{.vocab_size = 300, .n_positions = 64, .n_embd = 16,
+                                                                .n_layer = 1, .n_head = 2}));
+  CHECK_THROWS_WITH_AS((rlhf::PPOTrainer<rlhf::GPT2Policy, decltype(reward), rlhf::FixedKL>(
+                           bigger, reward, config, rlhf::GPT2Tokenizer::byte_level())),
+                       "PPOTrainer: the model's vocab_size (300) exceeds the tokenizer's (257): samples could hold "
+                       "ids the tokenizer cannot decode for the reward ---> HINT: load the tokenizer that belongs to "
+                       "the model",
+                       rlhf::Error);
   config.num_minibatches = 3;
   CHECK_THROWS_WITH_AS(config.validate(), "PPOConfig: batch_size (4) must be divisible by num_minibatches (3)",
                        rlhf::Error);

@@ -172,6 +172,11 @@ class PPOTrainer {
         tokenizer_(std::move(tokenizer)),
         shuffle_(at::make_generator<at::CPUGeneratorImpl>(config_.seed)) {
     config_.validate();
+    const int64_t model_vocab = policy_->base->config().vocab_size;
+    if (model_vocab > tokenizer_.vocab_size())
+      detail::fail("PPOTrainer: the model's vocab_size ({}) exceeds the tokenizer's ({}): samples could hold ids the "
+                   "tokenizer cannot decode for the reward ---> HINT: load the tokenizer that belongs to the model",
+                   model_vocab, tokenizer_.vocab_size());
     if constexpr (!kSharedReference) {
       auto& base = *policy_->base;
       reference_ = Base(base.config());
