@@ -604,6 +604,22 @@ TEST_CASE("pipeline: rlhf pretrain --print-config prints a config that the comma
       "end this session after so many steps with a checkpoint (0 = run to the end)"));
 }
 
+TEST_CASE("pipeline: the main job finds its data as given, then under RLHF_DATA_DIR") {
+  TempDir dir;
+  write_text(dir / "words-only-here.json", R"({"positive": ["good"], "negative": ["bad"]})");
+  const std::string shipped = "data/words-only-here.json";  // not under the working directory
+  REQUIRE_FALSE(fs::exists(shipped));
+  ::unsetenv("RLHF_DATA_DIR");
+  CHECK(rlhf::pipeline::detail::locate_data_file(shipped) == shipped);  // not found: the loader names it as given
+  ::setenv("RLHF_DATA_DIR", dir.path().c_str(), 1);
+  CHECK(rlhf::pipeline::detail::locate_data_file(shipped) == (dir / "words-only-here.json").string());
+  CHECK(rlhf::pipeline::detail::locate_data_file("words-only-here.json") == (dir / "words-only-here.json").string());
+  const auto given = (dir / "words-only-here.json").string();  // an existing path is kept as it is
+  CHECK(rlhf::pipeline::detail::locate_data_file(given) == given);
+  CHECK(rlhf::pipeline::detail::locate_data_file("data/missing.json") == "data/missing.json");
+  ::unsetenv("RLHF_DATA_DIR");
+}
+
 TEST_CASE("pipeline: rlhf pipeline runs the main job end to end, stops, resumes and skips finished stages") {
   TempDir dir;
   std::string corpus;
@@ -612,19 +628,24 @@ TEST_CASE("pipeline: rlhf pipeline runs the main job end to end, stops, resumes 
   // "the" and "was" make the rule tell most samples of a barely trained model apart
   write_text(dir / "words.json", R"({"positive": ["good", "the"], "negative": ["bad", "was"]})");
   write_prompts(dir / "prompts.jsonl");
+  // the recipe starts from a Hugging Face GPT-2 folder given on the command line, as it would from a real GPT-2
+  const auto start = dir / "start-model";
+  auto [init_status, init_out] =
+      run_cli("init --out " + start.string() + " --layers 1 --heads 2 --width 32 --positions 64 --seed 5");
+  REQUIRE_MESSAGE(init_status == 0, init_out);
   const auto out = dir / "main";
   const std::string command =
-      "pipeline" + sets({{"out", out.string()}, {"corpus", (dir / "corpus.txt").string()},
-                         {"prompts", (dir / "prompts.jsonl").string()}, {"lexicon", (dir / "words.json").string()},
-                         {"model.shape.n_layer", "1"}, {"model.shape.n_head", "2"}, {"model.shape.n_embd", "32"},
-                         {"model.shape.n_positions", "64"}, {"pretrain.context", "16"}, {"pretrain.batch_size", "8"},
-                         {"pretrain.train.total_steps", "40"}, {"pretrain.train.lr", "1e-2"},
-                         {"pretrain.train.warmup_steps", "2"}, {"pretrain.sampling.max_new_tokens", "8"},
-                         {"pairs.count", "40"}, {"pairs.batch_size", "16"}, {"pairs.sampling.max_new_tokens", "12"},
-                         {"reward.train.total_steps", "10"}, {"reward.train.warmup_steps", "1"},
-                         {"reward.batch_size", "8"}, {"reward.max_length", "32"}, {"ppo.ppo.total_phases", "4"},
-                         {"ppo.ppo.batch_size", "8"}, {"ppo.ppo.warmup_steps", "1"}, {"ppo.ppo.gen_len", "8"},
-                         {"report_samples", "8"}});
+      "pipeline --model " + start.string() +
+      sets({{"out", out.string()}, {"corpus", (dir / "corpus.txt").string()},
+           {"prompts", (dir / "prompts.jsonl").string()}, {"lexicon", (dir / "words.json").string()},
+           {"pretrain.context", "16"}, {"pretrain.batch_size", "8"},
+           {"pretrain.train.total_steps", "40"}, {"pretrain.train.lr", "1e-2"},
+           {"pretrain.train.warmup_steps", "2"}, {"pretrain.sampling.max_new_tokens", "8"},
+           {"pairs.count", "40"}, {"pairs.batch_size", "16"}, {"pairs.sampling.max_new_tokens", "12"},
+           {"reward.train.total_steps", "10"}, {"reward.train.warmup_steps", "1"},
+           {"reward.batch_size", "8"}, {"reward.max_length", "32"}, {"ppo.ppo.total_phases", "4"},
+           {"ppo.ppo.batch_size", "8"}, {"ppo.ppo.warmup_steps", "1"}, {"ppo.ppo.gen_len", "8"},
+           {"report_samples", "8"}});
 
   // first session: stops after 2 PPO phases (a time-limited job)
   auto [status, first] = run_cli(command + " --set ppo.schedule.stop_after=2");

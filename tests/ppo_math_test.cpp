@@ -535,6 +535,31 @@ TEST_CASE("ppo KL controllers") {
                          "{\"init\":0.2,\"kind\":\"adaptive\",\"target\":6.0,\"value\":0.2}",
                          rlhf::Error);
   }
+  SUBCASE("ConfiguredKL behaves as the controller the config chose") {
+    static_assert(rlhf::KLController<rlhf::ConfiguredKL>);
+    rlhf::ConfiguredKL adaptive({.controller = rlhf::KLControl::adaptive, .init = 0.2, .target = 6.0});
+    rlhf::AdaptiveKL same{{.init = 0.2, .target = 6.0, .horizon = 10000}};
+    for (double kl : {9.0, 6.6, 3.0, 0.0}) {
+      adaptive.update(kl, 256);
+      same.update(kl, 256);
+      CHECK(adaptive.value() == same.value());
+    }
+    CHECK(adaptive.state() == same.state());
+    rlhf::ConfiguredKL resumed({.controller = rlhf::KLControl::adaptive});
+    resumed.load_state(adaptive.state());
+    CHECK(resumed.value() == same.value());
+
+    rlhf::ConfiguredKL fixed({.controller = rlhf::KLControl::fixed, .init = 0.05});
+    fixed.update(100.0, 1000);
+    CHECK(fixed.value() == 0.05);
+    CHECK(fixed.state() == rlhf::FixedKL({.coef = 0.05}).state());
+    const std::string refused =
+        "FixedKL::load_state: expected an object with \"kind\": \"fixed\", got {\"horizon\":10000.0,\"init\":0.2,"
+        "\"kind\":\"adaptive\",\"target\":6.0,\"value\":" + same.state()["value"].dump() + "}";
+    CHECK_THROWS_WITH_AS(fixed.load_state(same.state()), refused.c_str(), rlhf::Error);
+    CHECK_THROWS_WITH_AS(rlhf::ConfiguredKL({.controller = rlhf::KLControl::fixed, .init = -1.0}),
+                         "FixedKL: Options.coef must be a finite non-negative number, got -1", rlhf::Error);
+  }
 }
 
 // ---- losses ----

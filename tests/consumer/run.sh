@@ -14,6 +14,9 @@ if [ "$kind" = installed ]; then
   test -f "$work/prefix/lib/cmake/rlhf/rlhfConfig.cmake"
   test -f "$work/prefix/lib/cmake/rlhf/rlhfConfigVersion.cmake"
   test -f "$work/prefix/include/rlhf/rlhf.hpp"
+  test -f "$work/prefix/share/rlhf/reviews.txt"      # the main job's data, found by the installed tool
+  test -f "$work/prefix/share/rlhf/sentiment_words.json"
+  test -x "$work/prefix/bin/rlhf"
   cmake -S "$source_dir/tests/consumer/installed" -B "$work/build" -DCMAKE_PREFIX_PATH="$work/prefix" \
     -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" >/dev/null
 else

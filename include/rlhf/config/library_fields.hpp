@@ -1,6 +1,7 @@
 #pragma once
 /// @file Config-file field lists (visit_fields) and enum names (enum_names) of the library's option structs:
-/// PPOConfig with its FreezeOptions, LoRAOptions, SamplingConfig, and the enums Precision, KLPlacement, KLEstimator.
+/// PPOConfig with its FreezeOptions, LoRAOptions, SamplingConfig, and the enums Precision, KLPlacement, KLEstimator,
+/// KLControl.
 /// With these, rlhf::config::bind_config() reads them strictly from TOML / JSON config files, to_json_config() writes
 /// them, and describe_fields() documents them. The keys are the C++ field names. Every field of each struct is
 /// listed (tests/config_test.cpp checks the lists against the struct definitions).
@@ -39,6 +40,12 @@ constexpr auto enum_names(KLPlacement) {
 constexpr auto enum_names(KLEstimator) {
   using Name = std::pair<std::string_view, KLEstimator>;
   return std::array{Name{"k1", KLEstimator::k1}, Name{"k2", KLEstimator::k2}, Name{"k3", KLEstimator::k3}};
+}
+
+/// Names of KLControl in config files: "fixed" and "adaptive".
+constexpr auto enum_names(KLControl) {
+  using Name = std::pair<std::string_view, KLControl>;
+  return std::array{Name{"fixed", KLControl::fixed}, Name{"adaptive", KLControl::adaptive}};
 }
 
 // ---- structs ----

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -127,6 +128,29 @@ inline SampleScores score_model(const std::filesystem::path& model_dir, const st
 
 namespace detail {
 
+/// Where the main job finds one of its data files: `path` itself when it exists (relative paths are relative to the
+/// working directory), else the same file under $RLHF_DATA_DIR, else under the data folder `cmake --install` wrote
+/// (a program built with RLHF_INSTALLED_DATA_DIR defined, like the `rlhf` tool, knows it). A leading "data/" is
+/// dropped when joining, so the defaults ("data/reviews.txt", ...) find the installed copies from any folder.
+inline std::string locate_data_file(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (path.empty() || fs::exists(path) || fs::path(path).is_absolute()) return path;
+  auto rest = fs::path(path);
+  if (auto it = rest.begin(); it != rest.end() && *it == "data") {
+    fs::path stripped;
+    for (++it; it != rest.end(); ++it) stripped /= *it;
+    rest = stripped;
+  }
+  std::vector<fs::path> dirs;
+  if (const char* env = std::getenv("RLHF_DATA_DIR"); env != nullptr && *env != '\0') dirs.emplace_back(env);
+#ifdef RLHF_INSTALLED_DATA_DIR
+  dirs.emplace_back(RLHF_INSTALLED_DATA_DIR);
+#endif
+  for (const auto& dir : dirs)
+    if (fs::exists(dir / rest)) return (dir / rest).string();
+  return path;  // not found anywhere: the loader's error names the path as given
+}
+
 /// Fails when `c` sets a stage key that the pipeline sets itself (out, models, data of each stage).
 inline void check_pipeline_keys(const MainJobConfig& c) {
   const MainJobConfig defaults;
@@ -155,6 +179,7 @@ inline void check_pipeline_keys(const MainJobConfig& c) {
 /// Runs (or, with `resume`, continues) the whole recipe; returns the report (also written to out/report.md).
 inline std::string run_main_job(MainJobConfig c, bool resume = false) {
   detail::check_pipeline_keys(c);
+  for (auto* file : {&c.corpus, &c.lexicon, &c.prompts}) *file = detail::locate_data_file(*file);
   const std::filesystem::path out = c.out;
   std::filesystem::create_directories(out);
   const auto rule = LexiconReward::from_file(c.lexicon);

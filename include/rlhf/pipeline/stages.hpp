@@ -491,6 +491,20 @@ void visit_fields(RewardSpec& c, V&& v) {
 }
 
 /// `rlhf ppo`: PPO of a policy against a reward, with an optional gold rule logged beside it.
+/// How the KL coefficient moves: `ppo.kl_coef` is its start, fixed or adapted (Ziegler et al. 2019) towards `target`.
+struct KLControlConfig {
+  KLControl controller = KLControl::adaptive;  ///< fixed | adaptive
+  double target = 6.0;                         ///< adaptive: KL (nats per sample) to hold, e.g. 6
+  double horizon = 10000;                      ///< adaptive: samples over which a 20% error moves beta by ~e^0.2
+};
+
+template <class V>
+void visit_fields(KLControlConfig& c, V&& v) {
+  v("controller", c.controller, "fixed: beta stays ppo.kl_coef; adaptive: beta moves to hold the KL at target");
+  v("target", c.target, "adaptive: the KL (nats per sample) to hold");
+  v("horizon", c.horizon, "adaptive: samples over which a 20% KL error changes beta by about e^0.2");
+}
+
 struct PPORunConfig {
   std::string out = "runs/ppo";   ///< run folder
   ModelSpec policy;               ///< the starting policy (the seed: the SFT model); its frozen copy is the reference
@@ -499,6 +513,7 @@ struct PPORunConfig {
   std::string prompts;            ///< JSONL with field prompt; empty = ppo.prefix for every sample
   PPOConfig ppo{.total_phases = 60, .batch_size = 32, .base_lr = 1e-4, .head_lr = 1e-3, .warmup_steps = 5,
                 .gen_len = 32, .top_k = 0, .prefix = "The film", .kl_coef = 0.05};
+  KLControlConfig kl;             ///< the KL coefficient's controller (starting at ppo.kl_coef)
   Schedule schedule{.log_every = 1, .eval_every = 0, .sample_every = 10, .checkpoint_every = 10};
 };
 
@@ -510,6 +525,7 @@ void visit_fields(PPORunConfig& c, V&& v) {
   v("gold", c.gold, "optional word-list JSON logged as gold_mean beside the reward");
   v("prompts", c.prompts, "JSONL file with field prompt; empty = ppo.prefix");
   v("ppo", c.ppo);
+  v("kl", c.kl);
   v("schedule", c.schedule);
 }
 
@@ -553,9 +569,11 @@ StageResult run_ppo_with(const PPORunConfig& c, bool resume, R inner, LoadedMode
                       {"/ppo/total_phases", "/schedule"});
   torch::manual_seed(c.ppo.seed);  // the value head's initial weights
   ActorCritic<> policy(loaded.model);
-  PPOTrainer<ActorCritic<>, TrackedReward<R>, AdaptiveKL> trainer(
-      policy, std::move(reward), AdaptiveKL({.init = c.ppo.kl_coef, .target = 6.0, .horizon = 10000}), c.ppo,
-      loaded.tokenizer);
+  PPOTrainer<ActorCritic<>, TrackedReward<R>, ConfiguredKL> trainer(
+      policy, std::move(reward),
+      ConfiguredKL({.controller = c.kl.controller, .init = c.ppo.kl_coef, .target = c.kl.target,
+                    .horizon = c.kl.horizon}),
+      c.ppo, loaded.tokenizer);
   data::EpochSampler sampler(prompts.size(), c.ppo.seed);
   LoopHooks hooks{.batch_size = c.ppo.batch_size};
   hooks.step = [&](const std::vector<size_t>& idx) {

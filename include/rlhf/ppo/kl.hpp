@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -211,7 +212,46 @@ class AdaptiveKL {
   double value_;
 };
 
+/// Which controller a config file asks for.
+enum class KLControl { fixed, adaptive };
+
+/// The KL slot filled at run time: a FixedKL or an AdaptiveKL chosen by a config file behind one type, so one
+/// PPOTrainer instantiation serves both (the `rlhf ppo` tool's `kl.controller`). Behaves exactly as the chosen
+/// controller, checkpoints included: state() is its state, and load_state() refuses a state of the other kind.
+class ConfiguredKL {
+ public:
+  /// Settings, e.g. `{.controller = KLControl::adaptive, .init = 0.05, .target = 6.0}`.
+  struct Options {
+    KLControl controller = KLControl::adaptive;  // fixed: beta stays `init`; adaptive: Ziegler et al.'s rule
+    double init = 0.2;                           // the (initial) coefficient beta
+    double target = 6.0;                         // adaptive only: the KL (nats per sequence) to hold
+    double horizon = 10000;                      // adaptive only: samples over which beta adapts
+  };
+
+  /// Builds the chosen controller; throws as FixedKL / AdaptiveKL do on bad settings.
+  explicit ConfiguredKL(const Options& o)
+      : controller_(o.controller == KLControl::fixed
+                        ? Variant(FixedKL({.coef = o.init}))
+                        : Variant(AdaptiveKL({.init = o.init, .target = o.target, .horizon = o.horizon}))) {}
+
+  /// The current coefficient beta.
+  double value() const { return std::visit([](const auto& c) { return c.value(); }, controller_); }
+  /// Feeds the chosen controller (see FixedKL::update, AdaptiveKL::update).
+  void update(double kl, int64_t n_steps) { std::visit([&](auto& c) { c.update(kl, n_steps); }, controller_); }
+  /// The chosen controller's state, e.g. {"kind": "adaptive", "value": ..., ...}.
+  nlohmann::json state() const { return std::visit([](const auto& c) { return c.state(); }, controller_); }
+  /// Restores the chosen controller's state (throws on a state of the other kind).
+  void load_state(const nlohmann::json& state) {
+    std::visit([&](auto& c) { c.load_state(state); }, controller_);
+  }
+
+ private:
+  using Variant = std::variant<FixedKL, AdaptiveKL>;
+  Variant controller_;
+};
+
 static_assert(KLController<FixedKL>, "FixedKL must model rlhf::KLController");
+static_assert(KLController<ConfiguredKL>, "ConfiguredKL must model rlhf::KLController");
 static_assert(KLController<AdaptiveKL>, "AdaptiveKL must model rlhf::KLController");
 
 }  // namespace rlhf
