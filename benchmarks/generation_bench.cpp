@@ -11,26 +11,9 @@
 
 #include <rlhf/rlhf.hpp>
 
-namespace {
+#include "bench_util.hpp"
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-/// Copy bandwidth in bytes/s (read + write of a 256 MiB buffer, best of 5).
-double copy_bandwidth() {
-  auto src = torch::ones({64 << 20}, torch::kFloat);
-  auto dst = torch::empty_like(src);
-  double best = 1e30;
-  for (int i = 0; i < 5; ++i) {
-    auto start = std::chrono::steady_clock::now();
-    dst.copy_(src);
-    best = std::min(best, seconds_since(start));
-  }
-  return 2.0 * static_cast<double>(src.nbytes()) / best;
-}
-
-}  // namespace
+using rlhf::bench::seconds_since;
 
 int main(int argc, char** argv) {
   CLI::App app{"KV-cache sampling speed"};
@@ -49,12 +32,13 @@ int main(int argc, char** argv) {
 
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
-  const double bandwidth = copy_bandwidth();
+  const double bandwidth = rlhf::bench::copy_bandwidth();
   torch::manual_seed(0);
   rlhf::GPT2<> model(config);
   nlohmann::json results = nlohmann::json::array();
   fmt::print("threads {}, copy bandwidth {:.1f} GB/s\n", runtime.threads, bandwidth / 1e9);
-  fmt::print("{:<6} {:>5} {:>12} {:>12} {:>14}\n", "dtype", "batch", "tokens/s", "ms/step", "floor ms/step");
+  fmt::print("{:<6} {:>5} {:>12} {:>12} {:>14} {:>8}\n", "dtype", "batch", "tokens/s", "ms/step", "floor ms/step",
+             "x floor");
   for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
     model->place(torch::kCPU, dtype);
     int64_t weight_bytes = 0;
@@ -69,9 +53,10 @@ int main(int argc, char** argv) {
       const double s = seconds_since(start);
       const double tps = static_cast<double>(b * new_tokens) / s;
       const std::string name = dtype == torch::kFloat ? "fp32" : "bf16";
-      fmt::print("{:<6} {:>5} {:>12.1f} {:>12.2f} {:>14.2f}\n", name, b, tps, 1e3 * s / new_tokens, floor_ms);
-      results.push_back({{"dtype", name}, {"batch", b}, {"tokens_per_s", tps}, {"ms_per_step", 1e3 * s / new_tokens},
-                         {"bandwidth_floor_ms_per_step", floor_ms}});
+      const double ms = 1e3 * s / static_cast<double>(new_tokens);
+      fmt::print("{:<6} {:>5} {:>12.1f} {:>12.2f} {:>14.2f} {:>8.2f}\n", name, b, tps, ms, floor_ms, ms / floor_ms);
+      results.push_back({{"dtype", name}, {"batch", b}, {"tokens_per_s", tps}, {"ms_per_step", ms},
+                         {"bandwidth_floor_ms_per_step", floor_ms}, {"x_floor", ms / floor_ms}});
     }
   }
   fmt::print("{}\n", nlohmann::json{{"benchmark", "generation"}, {"threads", runtime.threads},

@@ -4,8 +4,6 @@
 //
 //   ppo_memory --variant full|frozen|lora --precision fp32|bf16 [--batch 16 --gen-len 32 --phases 2 --layers 12]
 
-#include <sys/resource.h>
-
 #include <chrono>
 
 #include <CLI/CLI.hpp>
@@ -14,32 +12,19 @@
 
 #include <rlhf/rlhf.hpp>
 
+#include "bench_util.hpp"
+
 namespace {
-
-double peak_rss_mb() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
-}
-
-/// A GPT-2-sized vocabulary (50257 ids) without downloaded files: the 256 byte tokens, placeholder tokens "w256",
-/// "w257", ... (they decode to their text) and <|endoftext|> = 50256, like GPT-2's.
-rlhf::GPT2Tokenizer gpt2_sized_tokenizer() {
-  auto vocab = rlhf::GPT2Tokenizer::byte_level().vocab();
-  vocab.erase("<|endoftext|>");
-  for (int64_t id = 256; id < 50256; ++id) vocab.emplace(fmt::format("w{}", id), id);
-  vocab.emplace("<|endoftext|>", 50256);
-  return rlhf::GPT2Tokenizer(std::move(vocab), {});
-}
 
 template <class Policy>
 nlohmann::json run(Policy policy, const rlhf::PPOConfig& config, int64_t phases) {
   auto reward = rlhf::FunctionReward([](const std::string& text) { return static_cast<double>(text.size() % 7); });
-  rlhf::PPOTrainer<Policy, decltype(reward), rlhf::FixedKL> trainer(policy, reward, config, gpt2_sized_tokenizer());
+  rlhf::PPOTrainer<Policy, decltype(reward), rlhf::FixedKL> trainer(policy, reward, config,
+                                                                    rlhf::bench::placeholder_tokenizer());
   int64_t trainable = 0;
   for (const auto& p : policy->parameters())
     if (p.requires_grad()) trainable += p.numel();
-  const double rss_before = peak_rss_mb();
+  const double rss_before = rlhf::bench::peak_rss_mb();
   double seconds = 0, training = 0;
   for (int64_t i = 0; i < phases; ++i) {
     auto stats = trainer.step();
@@ -50,7 +35,7 @@ nlohmann::json run(Policy policy, const rlhf::PPOConfig& config, int64_t phases)
   const double timed = static_cast<double>(std::max<int64_t>(phases - 1, 1));
   return {{"trainable_parameters", trainable}, {"seconds_per_phase", seconds / timed},
           {"seconds_training", training / timed}, {"peak_rss_mb_after_setup", rss_before},
-          {"peak_rss_mb", peak_rss_mb()}};
+          {"peak_rss_mb", rlhf::bench::peak_rss_mb()}};
 }
 
 }  // namespace

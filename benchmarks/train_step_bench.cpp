@@ -1,7 +1,8 @@
 // One PPO learning step (forward, loss, backward, AdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and
 // the same for a LoRA policy: seconds per step and achieved TFLOP/s of the matmuls.
 //
-//   train_step_bench [--batch 8] [--seq 66] [--gen 50] [--layers 12] [--steps 3] [--threads N]
+//   train_step_bench [--batch 8] [--seq 66] [--gen 50] [--layers 12 --width 768 --heads 12 --vocab 50257]
+//                    [--steps 3] [--threads N] [--no-lora]
 
 #include <chrono>
 
@@ -10,6 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include <rlhf/rlhf.hpp>
+
+#include "bench_util.hpp"
 
 namespace {
 
@@ -57,20 +60,24 @@ int main(int argc, char** argv) {
   StepArgs args;
   rlhf::GPT2Config config;
   int threads = 0;
+  bool lora_too = true;
   app.add_option("--batch", args.batch)->capture_default_str();
   app.add_option("--seq", args.seq)->capture_default_str();
   app.add_option("--gen", args.gen)->capture_default_str();
   app.add_option("--steps", args.steps)->capture_default_str();
   app.add_option("--layers", config.n_layer)->capture_default_str();
+  app.add_option("--width", config.n_embd)->capture_default_str();
+  app.add_option("--heads", config.n_head)->capture_default_str();
+  app.add_option("--vocab", config.vocab_size)->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
+  app.add_flag("!--no-lora", lora_too, "measure full fine-tuning only");
   CLI11_PARSE(app, argc, argv);
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
 
   // Matmul FLOPs of forward + backward (3x forward): blocks, plus the vocabulary projection of `gen` positions.
-  const double d = config.n_embd, v = config.vocab_size, tokens = args.batch * args.seq;
-  const double block_flops = 2.0 * tokens * config.n_layer * (12 * d * d + 2 * args.seq * d);
-  const double flops = 3.0 * (block_flops + 2.0 * args.batch * args.gen * d * v);
+  const double flops = 3.0 * (rlhf::bench::block_flops(config, args.batch * args.seq, args.seq) +
+                              rlhf::bench::vocab_flops(config, args.batch * args.gen));
 
   nlohmann::json results = nlohmann::json::array();
   fmt::print("GPT-2 {} layers, batch {} x {} tokens ({} scored), {} threads\n", config.n_layer, args.batch, args.seq,
@@ -87,7 +94,7 @@ int main(int argc, char** argv) {
     rlhf::GPT2Policy full{rlhf::GPT2<>(config)};
     for (auto p : {rlhf::Precision::fp32, rlhf::Precision::bf16}) report("full", p, step_seconds(full, p, args), flops);
   }
-  {
+  if (lora_too) {
     using LoRAPolicy = rlhf::ActorCritic<rlhf::GPT2<rlhf::LoRA<8, rlhf::Targets::Attention | rlhf::Targets::MLP>>>;
     LoRAPolicy lora{rlhf::GPT2<rlhf::LoRA<8, rlhf::Targets::Attention | rlhf::Targets::MLP>>(config)};
     // No weight gradients for frozen layers: backward costs ~2x forward instead of 3x.

@@ -3,6 +3,7 @@
 //   rlhf pipeline [CONFIG] [--set key=value ...] [--resume]   the whole recipe on the built-in default (main job)
 //   rlhf pretrain|sft|reward|ppo CONFIG [--set key=value ...] [--resume] [--keys]
 //   rlhf eval CONFIG [--set ...]                             perplexity / reward accuracy / sample scores as JSON
+//   rlhf sweep CONFIG [--set key=value ...] [--resume] [--keys]   grid / random / Bayesian search over PPO runs
 //   rlhf generate --model DIR --prompt TEXT [sampling flags]
 //   rlhf tokenize --tokenizer DIR [--special] < text        -> JSON array of ids
 //   rlhf forward  --model DIR --ids 1,2,3 --out logits.safetensors   (F32 "logits" [1, T, V])
@@ -19,6 +20,7 @@
 #include <rlhf/pipeline/eval.hpp>
 #include <rlhf/pipeline/main_job.hpp>
 #include <rlhf/rlhf.hpp>
+#include <rlhf/sweep/ppo_sweep.hpp>
 
 namespace {
 
@@ -75,6 +77,41 @@ int stage_status(const rlhf::pipeline::StageResult& result) {
   fmt::print(stderr, "run folder: {}; model: {}\n", result.run_dir.string(), result.model_dir.string());
   if (!result.last_eval.empty()) fmt::print("{}\n", result.last_eval.dump());
   return 0;
+}
+
+/// `rlhf sweep`: a search over PPO runs (docs/sweeps.md). The space is an array of tables, so the config is read by
+/// load_ppo_sweep_config rather than bound as one struct; --keys lists the struct's keys and the parameter keys.
+int run_sweep_command(const ConfigArgs& args) {
+  namespace sw = rlhf::sweep;
+  if (args.keys) {
+    fmt::print("{}", rlhf::config::format_fields(rlhf::config::describe_fields(sw::PPOSweepConfig{})));
+    fmt::print("  space[i].name   string   a dotted key of [base], e.g. \"ppo.kl_coef\"\n"
+               "  space[i].kind   uniform | log_uniform | integer | categorical\n"
+               "  space[i].low    number   lower bound (uniform, log_uniform, integer)\n"
+               "  space[i].high   number   upper bound, inclusive\n"
+               "  space[i].log    bool     integer only: spaced in log(value)\n"
+               "  space[i].choices array   categorical only: the values\n");
+    return 0;
+  }
+  if (args.file.empty()) rlhf::detail::fail("sweep: give the sweep's config file (TOML or JSON, see docs/sweeps.md)");
+  nlohmann::json json = rlhf::config::load_config_file(args.file);
+  rlhf::config::apply_overrides(json, args.overrides);
+  const auto config = sw::load_ppo_sweep_config(json, args.file);
+  if (args.print) {
+    fmt::print("{}\n", sw::resolved_config(config).dump(2));
+    return 0;
+  }
+  const auto result = sw::run_ppo_sweep(config, args.resume, [&](const sw::Trial& t) {
+    fmt::print(stderr, "sweep: trial {} of {}: {} {} ({:.1f} s)\n", t.index + 1, config.budget, t.point.dump(),
+               t.ok() ? fmt::format("objective {:.6g}", t.objective) : fmt::format("failed: {}", t.error), t.seconds);
+  });
+  fmt::print(stderr, "sweep folder: {} (results.jsonl, summary.md, plot.png)\n", result.path.string());
+  if (result.best) {
+    const auto& best = result.trials[*result.best];
+    fmt::print("{}\n", nlohmann::json{{"best_trial", best.index}, {"objective", best.objective}, {"params", best.point},
+                                      {"metrics", best.metrics}}.dump());
+  }
+  return result.completed ? 0 : 130;
 }
 
 void run_tokenize(const std::string& tokenizer_dir, bool special) {
@@ -155,6 +192,10 @@ int main(int argc, char** argv) {
   add_config_options(reward, reward_args, false, true);
   auto* ppo = app.add_subcommand("ppo", "PPO of a policy against a reward model or a word-list rule");
   add_config_options(ppo, ppo_args, false, true);
+  ConfigArgs sweep_args;
+  auto* sweep = app.add_subcommand("sweep", "hyperparameter search over PPO runs: grid, random or Bayesian "
+                                            "(Gaussian process), resumable");
+  add_config_options(sweep, sweep_args, false, true);
   auto* eval = app.add_subcommand("eval", "perplexity, reward-model accuracy, or scores of samples, as JSON");
   add_config_options(eval, eval_args, false, false);
   int threads = 0;
@@ -241,6 +282,7 @@ int main(int argc, char** argv) {
       return run_configured<pl::PPORunConfig>(ppo_args, [&](const auto& c) {
         return stage_status(pl::run_ppo(c, ppo_args.resume));
       });
+    if (*sweep) return run_sweep_command(sweep_args);
     if (*eval)
       return run_configured<pl::EvalConfig>(eval_args, [&](const auto& c) {
         fmt::print("{}\n", pl::run_eval(c).dump(2));

@@ -39,7 +39,13 @@
 #include <rlhf/data/filters.hpp>
 #include <rlhf/data/sampler.hpp>
 #include <rlhf/data/collate.hpp>
+#include <rlhf/train/step_callback.hpp>
 #include <rlhf/train/lm_trainer.hpp>
+#include <rlhf/interp/capture.hpp>
+#include <rlhf/interp/shift_store.hpp>
+#include <rlhf/interp/shift_recorder.hpp>
+#include <rlhf/interp/attribution.hpp>
+#include <rlhf/interp/ablation.hpp>
 #include <rlhf/reward_model/reward_model.hpp>
 #include <rlhf/reward_model/reward_trainer.hpp>
 #include <rlhf/config/config_file.hpp>
@@ -57,3 +63,9 @@
 #include <rlhf/pipeline/stages.hpp>
 #include <rlhf/pipeline/eval.hpp>
 #include <rlhf/pipeline/main_job.hpp>
+#include <rlhf/sweep/space.hpp>
+#include <rlhf/sweep/gp.hpp>
+#include <rlhf/sweep/search.hpp>
+#include <rlhf/sweep/objective.hpp>
+#include <rlhf/sweep/sweep.hpp>
+#include <rlhf/sweep/ppo_sweep.hpp>

@@ -7,6 +7,17 @@
 
 namespace rlhf {
 
+/// An observer of a linear layer's forward passes, for training-process transparency (rlhf/interp/capture.hpp
+/// records per-datum weight gradients through it). A layer whose `capture` pointer is set calls on_forward() with
+/// its input and output; unset (the default), the layer pays one pointer test per forward and nothing else.
+class LinearCapture {
+ public:
+  virtual ~LinearCapture() = default;
+  /// `x` [..., in] is the layer's input and `y` [..., out] its output, before the layer returns it; an observer
+  /// may register a gradient hook on `y`.
+  virtual void on_forward(const torch::Tensor& x, const torch::Tensor& y) = 0;
+};
+
 /// y = x W + b with W stored [in_features, out_features], the layout of GPT-2 checkpoints, so weights load unchanged.
 class Conv1DImpl : public torch::nn::Module {
  public:
@@ -30,7 +41,9 @@ class Conv1DImpl : public torch::nn::Module {
     auto flat = x.reshape({-1, in_features_});  // [N, in]
     auto shape = x.sizes().vec();
     shape.back() = out_features_;
-    return torch::addmm(bias, flat, weight).view(shape);
+    auto y = torch::addmm(bias, flat, weight).view(shape);
+    if (capture) capture->on_forward(x, y);
+    return y;
   }
 
   int64_t in_features() const { return in_features_; }
@@ -38,6 +51,8 @@ class Conv1DImpl : public torch::nn::Module {
 
   torch::Tensor weight;  ///< [in, out]
   torch::Tensor bias;    ///< [out]
+  /// Observer of this layer's forwards (not owned; null = none). Set and cleared by rlhf::ShiftRecorder.
+  LinearCapture* capture = nullptr;
 
  private:
   int64_t in_features_;

@@ -17,6 +17,7 @@
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>
+#include <rlhf/model/conv1d.hpp>
 #include <rlhf/model/gpt2_config.hpp>
 #include <rlhf/model/kv_cache.hpp>
 
@@ -29,6 +30,17 @@ inline torch::Tensor layer_norm_fp32(const torch::Tensor& x, const torch::nn::La
   const auto& opts = ln->options;
   return torch::layer_norm(x.to(torch::kFloat), opts.normalized_shape(), ln->weight.to(torch::kFloat),
                            ln->bias.to(torch::kFloat), opts.eps());
+}
+
+/// The fixed position table of Vaswani et al. 2017 (arXiv 1706.03762) as PyTorch's transformer tutorial builds it:
+/// [n_positions, d] with column 2i = sin(p w_i) and column 2i + 1 = cos(p w_i), w_i = 10000^(-2i / d); `d` even.
+inline torch::Tensor sinusoidal_position_table(int64_t n_positions, int64_t d) {
+  auto position = torch::arange(n_positions, torch::kFloat).unsqueeze(1);                           // [P, 1]
+  auto rate = torch::exp(torch::arange(0, d, 2, torch::kFloat) * (-std::log(10000.0) / static_cast<double>(d)));
+  auto table = torch::zeros({n_positions, d});                                                     // [P, D]
+  table.index_put_({torch::indexing::Slice(), torch::indexing::Slice(0, d, 2)}, torch::sin(position * rate));
+  table.index_put_({torch::indexing::Slice(), torch::indexing::Slice(1, d, 2)}, torch::cos(position * rate));
+  return table;
 }
 
 /// The activation named by GPT2Config::activation_function. gelu_new is the tanh approximation of GELU.
@@ -218,6 +230,7 @@ class GPT2Impl : public torch::nn::Module {
     config_.validate();
     transformer = register_module("transformer", std::make_shared<GPT2TransformerImpl<Adapter>>(config_));
     reset_embeddings();
+    if (config_.sinusoidal_positions) transformer->wpe->weight.requires_grad_(false);
     Adapter::prepare_model(*this);
   }
 
@@ -292,7 +305,10 @@ class GPT2Impl : public torch::nn::Module {
   void reset_embeddings() {
     torch::NoGradGuard no_grad;
     transformer->wte->weight.normal_(0.0, config_.initializer_range);
-    transformer->wpe->weight.normal_(0.0, config_.initializer_range);
+    if (config_.sinusoidal_positions)
+      transformer->wpe->weight.copy_(sinusoidal_position_table(config_.n_positions, config_.n_embd));
+    else
+      transformer->wpe->weight.normal_(0.0, config_.initializer_range);
   }
 
   void check_input(const torch::Tensor& ids, const torch::Tensor& mask, int64_t past) const {
@@ -306,6 +322,26 @@ class GPT2Impl : public torch::nn::Module {
 
   GPT2Config config_;
 };
+
+/// Re-initialises `model` as PyTorch's word-language-model examples do (the setup of the training-transparency
+/// experiments, docs/transparency.md): every Conv1D weight (a LoRA layer's base included, not its adapters) and the
+/// token embedding uniform in [-bound, bound] (e.g. 0.1), biases zero, layernorms to identity; learned positions
+/// uniform too, a sinusoidal table kept. Seed with torch::manual_seed for reproducible weights.
+template <class Adapter>
+void init_uniform(GPT2Impl<Adapter>& model, double bound) {
+  if (!(bound > 0)) detail::fail("init_uniform: bound must be positive, got {}", bound);
+  torch::NoGradGuard no_grad;
+  for (auto& module : model.modules(/*include_self=*/false)) {
+    if (auto* linear = dynamic_cast<Conv1DImpl*>(module.get())) {
+      linear->weight.uniform_(-bound, bound);
+      linear->bias.zero_();
+    } else if (auto* ln = dynamic_cast<torch::nn::LayerNormImpl*>(module.get())) {
+      ln->reset_parameters();
+    }
+  }
+  model.transformer->wte->weight.uniform_(-bound, bound);
+  if (!model.config().sinusoidal_positions) model.transformer->wpe->weight.uniform_(-bound, bound);
+}
 
 /// Module holder for GPT2Impl: `GPT2<> model(config);`, `auto model = GPT2<>::from_pretrained("models/gpt2");`.
 template <class Adapter = NoAdapter>

@@ -33,6 +33,10 @@ struct GPT2Config {
   bool scale_attn_by_inverse_layer_idx = false;  ///< also divide scores of block i by i + 1
   int64_t bos_token_id = 50256;               ///< beginning-of-sequence id, e.g. 50256 (<|endoftext|>)
   int64_t eos_token_id = 50256;               ///< end-of-sequence id, e.g. 50256 (<|endoftext|>)
+  /// Fixed sinusoidal positions (Vaswani et al. 2017, arXiv 1706.03762) instead of learned ones: wpe holds the
+  /// table sin(p / 10000^(2i/D)), cos(...) and does not train, so a saved folder is still an ordinary GPT-2
+  /// checkpoint that computes the same function. Written to config.json as "sinusoidal_positions" only when on.
+  bool sinusoidal_positions = false;
 
   /// Width of one attention head (n_embd / n_head), e.g. 64.
   int64_t d_head() const { return n_embd / n_head; }
@@ -128,6 +132,9 @@ inline void GPT2Config::validate(std::string_view source) const {
   // sign is checked here; the sampler checks an EOS id it is asked to use.
   for (auto [value, key] : {std::pair{bos_token_id, "bos_token_id"}, std::pair{eos_token_id, "eos_token_id"}})
     if (value < 0) detail::fail("config: {}: '{}' must be >= 0, got {}", source, key, value);
+  if (sinusoidal_positions && n_embd % 2 != 0)
+    detail::fail("config: {}: 'sinusoidal_positions' needs an even 'n_embd' (sin and cos pairs), got {}", source,
+                 n_embd);
 }
 
 inline GPT2Config GPT2Config::from_json(const nlohmann::json& json, std::string_view source) {
@@ -160,6 +167,7 @@ inline GPT2Config GPT2Config::from_json(const nlohmann::json& json, std::string_
       c.scale_attn_by_inverse_layer_idx = config_bool(value, key, source);
     else if (key == "bos_token_id") c.bos_token_id = config_int(value, key, source, 0);
     else if (key == "eos_token_id") c.eos_token_id = config_int(value, key, source, 0);
+    else if (key == "sinusoidal_positions") c.sinusoidal_positions = config_bool(value, key, source);
     else if (key == "model_type") {
       if (value != "gpt2")
         detail::fail("config: {}: 'model_type' is {}, expected \"gpt2\"", source, value.dump());
@@ -219,6 +227,7 @@ inline nlohmann::json GPT2Config::to_json() const {
                       {"eos_token_id", eos_token_id},
                       {"tie_word_embeddings", true}};
   if (n_inner) j["n_inner"] = *n_inner;
+  if (sinusoidal_positions) j["sinusoidal_positions"] = true;
   return j;
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -33,6 +34,7 @@
 #include <rlhf/io/safetensors.hpp>
 #include <rlhf/train/module_state.hpp>
 #include <rlhf/train/optimizer.hpp>
+#include <rlhf/train/step_callback.hpp>
 #include <rlhf/train/trainer_state.hpp>
 #include <rlhf/tokenizer/batch_encode.hpp>
 #include <rlhf/tokenizer/gpt2_tokenizer.hpp>
@@ -215,6 +217,17 @@ class PPOTrainer {
   /// Adds a callback run after every phase.
   void on_phase_end(Callback callback) { callbacks_.push_back(std::move(callback)); }
 
+  /// Adds a callback called around each minibatch update (before its forward, after its clipped gradients, after
+  /// the AdamW step), e.g. an rlhf::ShiftRecorder. StepInfo::ids and attention_mask are the minibatch's rollout
+  /// rows [mb, P + G] (datum b = row b: one prompt and its completion), loss_mask marks the generated tokens, and
+  /// StepInfo::step numbers the updates phase x updates_per_phase + index, so steps stay unique across phases.
+  void add_callback(std::shared_ptr<StepCallback> callback) {
+    if (!callback) detail::fail("PPOTrainer::add_callback: null callback");
+    step_callbacks_.push_back(std::move(callback));
+  }
+  /// Removes a callback added with add_callback() (nothing when it is not there).
+  void remove_callback(const std::shared_ptr<StepCallback>& callback) { std::erase(step_callbacks_, callback); }
+
   Policy& policy() { return policy_; }
   /// The frozen copy of the initial base model (full fine-tuning only: an adapter policy has no copy).
   Base& reference()
@@ -345,12 +358,23 @@ class PPOTrainer {
       auto order = torch::randperm(batch, shuffle_, torch::TensorOptions().dtype(torch::kLong)).to(device);
       for (int64_t m = 0; m < config_.num_minibatches; ++m) {
         auto idx = order.narrow(0, m * mbs, mbs);
+        StepInfo info;
+        if (!step_callbacks_.empty()) {
+          info = minibatch_info(rollout_data, idx, epoch * config_.num_minibatches + m);
+          for (auto& callback : step_callbacks_) callback->on_step_begin(info);
+        }
         detail::MinibatchTerms terms = minibatch_loss(rollout_data, idx, stats.kl_coef);
         if (config_.kl_placement == KLPlacement::loss) sum_kl += terms.kl_term.item<double>();
         optimizer_.zero_grad();
         terms.loss.backward();
-        optimizer_.clip_grad_norm(config_.max_grad_norm);
+        const double grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
+        if (!step_callbacks_.empty()) {
+          info.grad_norm = grad_norm;
+          info.clip_coef = clip_coefficient(config_.max_grad_norm, grad_norm);
+          for (auto& callback : step_callbacks_) callback->on_gradients(info);
+        }
         optimizer_.step();
+        for (auto& callback : step_callbacks_) callback->on_step_end(info);
         ++stats.updates;
         sum_pg += terms.pg.loss.item<double>();
         sum_vf += terms.vf.loss.item<double>();
@@ -414,6 +438,17 @@ class PPOTrainer {
     return t;
   }
 
+  /// What step callbacks see of minibatch update `update` of this phase (rows `idx` of the rollout).
+  StepInfo minibatch_info(const detail::RolloutData& d, const torch::Tensor& idx, int64_t update) {
+    const int64_t per_phase = config_.batches_per_learning_phase * config_.num_minibatches;
+    auto mask = d.mask.index_select(0, idx);  // [mb, G]
+    return StepInfo{.step = phase_ * per_phase + update,
+                    .ids = d.ids.index_select(0, idx),
+                    .attention_mask = d.attention_mask.index_select(0, idx),
+                    .loss_mask = torch::cat({torch::zeros({mask.size(0), d.p}, mask.options()), mask}, 1),
+                    .optimizer = &optimizer_.optimizer()};
+  }
+
   // ---- the reference model: a frozen copy, or the policy's base with adapters disabled ----
 
   /// Runs `f(reference_base)` without gradients: the frozen copy, or the policy's base inside AdaptersDisabled.
@@ -469,6 +504,7 @@ class PPOTrainer {
   torch::Generator shuffle_;
   int64_t phase_ = 0;
   std::vector<Callback> callbacks_;
+  std::vector<std::shared_ptr<StepCallback>> step_callbacks_;
 };
 
 // ---- names for the common compositions ----

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -31,6 +32,7 @@
 #include <rlhf/io/safetensors.hpp>
 #include <rlhf/model/gpt2.hpp>
 #include <rlhf/train/optimizer.hpp>
+#include <rlhf/train/step_callback.hpp>
 #include <rlhf/train/trainer_state.hpp>
 
 namespace rlhf {
@@ -191,10 +193,22 @@ class LMTrainer {
     const double scale = config_.lr_scale(step_);
     optimizer_.set_scale(scale);
     optimizer_.zero_grad();
+    StepInfo info;
+    if (!callbacks_.empty()) {
+      info = StepInfo{.step = step_, .ids = in.ids, .attention_mask = in.attention_mask, .loss_mask = in.loss_mask,
+                      .optimizer = &optimizer_.optimizer()};
+      for (auto& callback : callbacks_) callback->on_step_begin(info);
+    }
     auto loss = target_nll(in).div(static_cast<double>(in.targets));  // [] fp32
     loss.backward();
     stats.grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
+    if (!callbacks_.empty()) {
+      info.grad_norm = stats.grad_norm;
+      info.clip_coef = clip_coefficient(config_.max_grad_norm, stats.grad_norm);
+      for (auto& callback : callbacks_) callback->on_gradients(info);
+    }
     optimizer_.step();
+    for (auto& callback : callbacks_) callback->on_step_end(info);
     stats.loss = loss.template item<double>();
     stats.lr = config_.lr * scale;
     ++step_;
@@ -247,6 +261,19 @@ class LMTrainer {
   LMEvalStats evaluate(const torch::Tensor& ids, const torch::Tensor& attention_mask,
                        const torch::Tensor& loss_mask) {
     return evaluate(std::vector<data::LMBatch>{{ids, attention_mask, loss_mask}});
+  }
+
+  // ---- callbacks ----
+
+  /// Adds a callback that step() calls around each optimiser step (before the forward, after the clipped
+  /// gradients, after the update), e.g. an rlhf::ShiftRecorder. Datum b of a step is row b of its batch.
+  void add_callback(std::shared_ptr<StepCallback> callback) {
+    if (!callback) detail::fail("LMTrainer::add_callback: null callback");
+    callbacks_.push_back(std::move(callback));
+  }
+  /// Removes a callback added with add_callback() (nothing when it is not there).
+  void remove_callback(const std::shared_ptr<StepCallback>& callback) {
+    std::erase(callbacks_, callback);
   }
 
   // ---- access ----
@@ -380,6 +407,7 @@ class LMTrainer {
   LMTrainConfig config_;
   GroupedAdamW optimizer_;
   int64_t step_ = 0;
+  std::vector<std::shared_ptr<StepCallback>> callbacks_;
 };
 
 /// Language-model training of a plain GPT-2 (full fine-tuning or pretraining from scratch).

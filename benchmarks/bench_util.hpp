@@ -1,0 +1,211 @@
+#pragma once
+/// @file What the benchmark programs share: timing, the machine's copy bandwidth and matmul ceiling measured in the
+/// same run, resident memory from /proc/self/status, GPT-2 FLOP counts, and a tokenizer with a GPT-2-sized
+/// vocabulary that needs no downloaded files.
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <rlhf/rlhf.hpp>
+
+namespace rlhf::bench {
+
+// ---- timing and machine probes ----
+
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+/// Copy bandwidth in bytes/s: read + write of a `bytes` buffer (256 MiB by default, far beyond the caches), best
+/// of 5. A decoding step that reads every weight once cannot beat weight bytes / this.
+inline double copy_bandwidth(int64_t bytes = int64_t{256} << 20) {
+  auto src = torch::ones({bytes / 4}, torch::kFloat);
+  auto dst = torch::empty_like(src);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    auto start = std::chrono::steady_clock::now();
+    dst.copy_(src);
+    best = std::min(best, seconds_since(start));
+  }
+  return 2.0 * static_cast<double>(src.nbytes()) / best;
+}
+
+/// Achieved FLOP/s of one [m, k] x [k, n] matmul in `dtype` (fp32: OpenBLAS; bf16: oneDNN), best of `repeats`
+/// after one warm-up call.
+inline double matmul_flops(torch::ScalarType dtype, int64_t m, int64_t k, int64_t n, int repeats = 5) {
+  auto a = torch::randn({m, k}).to(dtype);
+  auto b = torch::randn({k, n}).to(dtype);
+  auto c = torch::matmul(a, b);
+  double best = 1e30;
+  for (int i = 0; i < repeats; ++i) {
+    auto start = std::chrono::steady_clock::now();
+    c = torch::matmul(a, b);
+    best = std::min(best, seconds_since(start));
+  }
+  return 2.0 * static_cast<double>(m) * static_cast<double>(k) * static_cast<double>(n) / best;
+}
+
+/// One matmul shape of the ceiling probe and what it reached.
+struct MatmulPoint {
+  int64_t m = 0, k = 0, n = 0;
+  double flops = 0;  ///< FLOP/s
+};
+
+/// The machine's matmul ceiling in `dtype` (FLOP/s): the best of the GEMMs a GPT-2 training step is made of
+/// (`d_model` wide: use 768 or more, small widths do not reach the machine's ceiling), with `rows` = minibatch
+/// tokens (e.g. 8 x 66 = 528) and a large 2048-row case. `points` receives every shape.
+inline double matmul_ceiling(torch::ScalarType dtype, int64_t d_model, int64_t rows,
+                             std::vector<MatmulPoint>* points = nullptr) {
+  const std::vector<std::array<int64_t, 3>> shapes = {
+      {rows, d_model, 3 * d_model}, {rows, d_model, 4 * d_model}, {rows, 4 * d_model, d_model},
+      {2048, d_model, 4 * d_model}, {2048, 4 * d_model, d_model}};
+  double best = 0;
+  for (const auto& [m, k, n] : shapes) {
+    const double flops = matmul_flops(dtype, m, k, n);
+    if (points) points->push_back({m, k, n, flops});
+    best = std::max(best, flops);
+  }
+  return best;
+}
+
+// ---- memory ----
+
+/// A field of /proc/self/status in MiB ("VmRSS": resident now, "VmHWM": peak resident since start or the last
+/// reset_peak_rss()); 0 where the file is unreadable.
+inline double proc_status_mb(const std::string& field) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) / 1024.0;  // kB
+  return 0.0;
+}
+
+inline double rss_mb() { return proc_status_mb("VmRSS"); }
+inline double peak_rss_mb() { return proc_status_mb("VmHWM"); }
+
+/// Resets VmHWM to the current RSS (Linux: "5" into /proc/self/clear_refs). False where not allowed.
+inline bool reset_peak_rss() {
+  std::ofstream clear("/proc/self/clear_refs");
+  clear << "5";
+  clear.flush();
+  return static_cast<bool>(clear);
+}
+
+/// Samples VmRSS every `period` on a thread, so that the peak of each stage of a call that runs several stages
+/// (PPOTrainer::step) can be read afterwards from the stage's time window.
+class RssSampler {
+ public:
+  explicit RssSampler(std::chrono::microseconds period = std::chrono::microseconds(1000)) : period_(period) {
+    start_ = std::chrono::steady_clock::now();
+    thread_ = std::thread([this] {
+      while (!stop_.load()) {
+        const double mb = rss_mb();
+        {
+          std::lock_guard lock(mutex_);
+          samples_.emplace_back(seconds_since(start_), mb);
+        }
+        std::this_thread::sleep_for(period_);
+      }
+    });
+  }
+  ~RssSampler() { stop(); }
+  RssSampler(const RssSampler&) = delete;
+  RssSampler& operator=(const RssSampler&) = delete;
+
+  void stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+
+  /// Seconds from the sampler's start to `t`.
+  double offset(std::chrono::steady_clock::time_point t) const {
+    return std::chrono::duration<double>(t - start_).count();
+  }
+
+  /// Largest sampled RSS (MiB) in [from, to] seconds after the start; for a window shorter than the period, the
+  /// last sample before `to`.
+  double max_between(double from, double to) const {
+    std::lock_guard lock(mutex_);
+    double best = 0, before = 0;
+    for (const auto& [t, mb] : samples_) {
+      if (t >= from && t <= to) best = std::max(best, mb);
+      if (t <= to) before = mb;
+    }
+    return best > 0 ? best : before;
+  }
+
+ private:
+  std::chrono::microseconds period_;
+  std::chrono::steady_clock::time_point start_;
+  std::atomic<bool> stop_{false};
+  mutable std::mutex mutex_;
+  std::vector<std::pair<double, double>> samples_;  // (seconds since start, MiB)
+  std::thread thread_;
+};
+
+// ---- GPT-2 FLOP counts (2 FLOPs per multiply-add; matmuls only) ----
+
+/// Forward FLOPs of the transformer blocks for `tokens` query positions each attending to `context` keys:
+/// per layer and token 2 x 12 D^2 for the four projections (q/k/v 3D^2, out D^2, MLP 8D^2) plus 2 x 2 x context x D
+/// for the scores and the weighted sum (the dense square both the library and eager PyTorch compute).
+inline double block_flops(const GPT2Config& c, double tokens, double context) {
+  const double d = static_cast<double>(c.n_embd), mlp = static_cast<double>(c.d_mlp());
+  return 2.0 * tokens * static_cast<double>(c.n_layer) * (4.0 * d * d + 2.0 * d * mlp + 2.0 * context * d);
+}
+
+/// Forward FLOPs of the tied vocabulary projection at `positions` positions: 2 D V each.
+inline double vocab_flops(const GPT2Config& c, double positions) {
+  return 2.0 * positions * static_cast<double>(c.n_embd) * static_cast<double>(c.vocab_size);
+}
+
+/// Forward FLOPs of the MLP value head (D -> 4D -> 1) at `positions` positions.
+inline double value_head_flops(const GPT2Config& c, double positions) {
+  const double d = static_cast<double>(c.n_embd);
+  return 2.0 * positions * (4.0 * d * d + 4.0 * d);
+}
+
+// ---- data without downloaded files ----
+
+/// A tokenizer with `vocab_size` ids and no merges: the 256 byte tokens (GPT-2's ids for single bytes), placeholder
+/// tokens "w256", "w257", ... (they decode to their text) and <|endoftext|> as the last id (50256 for 50257, like
+/// GPT-2's). Every byte of a text is one token, so a prompt of n letters is n tokens.
+inline GPT2Tokenizer placeholder_tokenizer(int64_t vocab_size = 50257) {
+  auto vocab = GPT2Tokenizer::byte_level().vocab();
+  vocab.erase("<|endoftext|>");
+  for (int64_t id = 256; id < vocab_size - 1; ++id) vocab.emplace(fmt::format("w{}", id), id);
+  vocab.emplace("<|endoftext|>", vocab_size - 1);
+  return GPT2Tokenizer(std::move(vocab), {});
+}
+
+/// `n` prompts of `length` lowercase letters (one token each with placeholder_tokenizer()), the same in every run
+/// and in benchmarks/python/ppo_phase.py: letter j of prompt i is 'a' + (7 i + 3 j + i j) mod 26.
+inline std::vector<std::string> letter_prompts(int64_t n, int64_t length) {
+  std::vector<std::string> prompts;
+  for (int64_t i = 0; i < n; ++i) {
+    std::string text;
+    for (int64_t j = 0; j < length; ++j) text.push_back(static_cast<char>('a' + (7 * i + 3 * j + i * j) % 26));
+    prompts.push_back(std::move(text));
+  }
+  return prompts;
+}
+
+/// The benchmarks' reward: the share of 'e' among the bytes of a completion (cheap, deterministic, and the same
+/// function in benchmarks/python/ppo_phase.py).
+inline double letter_e_share(const std::string& text) {
+  if (text.empty()) return 0.0;
+  return static_cast<double>(std::count(text.begin(), text.end(), 'e')) / static_cast<double>(text.size());
+}
+
+}  // namespace rlhf::bench

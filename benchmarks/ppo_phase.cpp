@@ -1,0 +1,335 @@
+// One PPO phase through the library's own PPOTrainer (GPT2Policy: GPT-2 + MLP value head, full fine-tuning, KL in
+// the loss as the seed notebook does), stage by stage: seconds, tokens/s, achieved TFLOP/s, the share of this
+// machine's matmul ceiling, the floor (FLOPs over the ceiling plus bytes over the copy bandwidth) and peak RSS. The
+// ceiling (per dtype) and the bandwidth are measured in the same run, after the phase. Then sampling at batch 1 and
+// its distance from the memory-bandwidth floor. benchmarks/python/ppo_phase.py runs the same phase in PyTorch eager;
+// benchmarks/python/compare.py runs both and prints the ratios.
+//
+// Times are the last phase's (the earlier ones warm up allocators and caches); per-stage peak RSS is the first
+// phase's (VmRSS sampled every millisecond on a thread, the stage windows taken from PhaseStats), the phase's peak
+// is VmHWM over all phases.
+//
+//   ppo_phase [--shape small|tiny] [--precision fp32|bf16] [--prompts 32] [--prompt-tokens 16] [--new-tokens 50]
+//             [--minibatches 4] [--epochs 2] [--phases 2] [--seed 1] [--threads N] [--json PATH] [--no-batch1]
+
+#include <chrono>
+#include <fstream>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <rlhf/rlhf.hpp>
+
+#include "bench_util.hpp"
+
+namespace {
+
+namespace bench = rlhf::bench;
+
+/// GPT-2-small (124M parameters + a 2.4M-parameter value head) or a tiny model for quick checks.
+rlhf::GPT2Config shape_config(const std::string& shape) {
+  if (shape == "tiny") return {.vocab_size = 1024, .n_embd = 64, .n_layer = 2, .n_head = 4};
+  return {.vocab_size = 50257, .n_embd = 768, .n_layer = 12, .n_head = 12};
+}
+
+struct Args {
+  std::string shape = "small", precision = "fp32", json_path;
+  int64_t prompts = 32, prompt_tokens = 16, new_tokens = 50, minibatches = 4, epochs = 2, phases = 2;
+  uint64_t seed = 1;
+  int threads = 0;
+  bool batch1 = true;
+};
+
+int64_t numel(const std::vector<torch::Tensor>& params) {
+  int64_t n = 0;
+  for (const auto& p : params) n += p.numel();
+  return n;
+}
+
+// ---- FLOPs per stage (matmuls only, 2 per multiply-add; the work the phase needs, the same count for every
+// implementation so that TFLOP/s compare) ----
+//
+// B prompts of P tokens (BOS included), G new tokens, T = P + G, mb = B / minibatches, U = minibatches x epochs.
+//   generation: the prompt forward (B x P tokens, context P), G - 1 one-token forwards (context P + 1 ... P + G - 1)
+//               and the vocabulary projection of the last position at each of the G steps.
+//   reference:  the policy forward over B x T tokens with values and log-probs of the G generated positions, and the
+//               reference forward over B x T tokens with log-probs of the same positions.
+//   reward:     none (a text function).
+//   training:   per update, forward + backward (3x the forward) of the policy over mb x T tokens, the value head and
+//               the vocabulary projection at mb x G positions, plus the reference vocabulary projection of the same
+//               positions for the full-vocabulary KL term (forward only).
+struct StageFlops {
+  double generation = 0, reference = 0, training = 0;
+};
+
+StageFlops phase_flops(const rlhf::GPT2Config& c, const Args& a) {
+  const double b = a.prompts, p = a.prompt_tokens, g = a.new_tokens, t = p + g;
+  const double mb = b / a.minibatches, updates = a.minibatches * a.epochs;
+  StageFlops f;
+  f.generation = bench::block_flops(c, b * p, p) + bench::vocab_flops(c, b * g);
+  for (int64_t s = 1; s < a.new_tokens; ++s) f.generation += bench::block_flops(c, b, p + s);
+  f.reference =
+      2 * bench::block_flops(c, b * t, t) + bench::value_head_flops(c, b * g) + 2 * bench::vocab_flops(c, b * g);
+  const double forward =
+      bench::block_flops(c, mb * t, t) + bench::value_head_flops(c, mb * g) + bench::vocab_flops(c, mb * g);
+  f.training = updates * (3 * forward + bench::vocab_flops(c, mb * g));
+  return f;
+}
+
+// ---- memory accounting (MiB) ----
+
+/// What a phase must hold, item by item: the bound its peak RSS is compared with.
+nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool bf16, double runtime_mb,
+                                 int64_t policy_params, int64_t reference_params, int64_t trainable) {
+  constexpr double kMiB = 1024.0 * 1024.0;
+  const double d = c.n_embd, h = c.n_head, l = c.n_layer, v = c.vocab_size;
+  const double p = a.prompt_tokens, g = a.new_tokens, t = p + g, b = a.prompts, mb = b / a.minibatches;
+  // Tensors autograd keeps per layer and token: fp32 keeps the layernorm inputs (2D), their outputs (2D), q/k/v
+  // (3D), the attention output (D), the MLP's c_fc output and GELU output (8D) = 16D floats, plus the fp32
+  // attention probabilities (H x T). Under bf16 autocast the layernorm inputs stay fp32 (8D bytes), the other 14D
+  // are bf16 (28D bytes) and the probabilities exist in fp32 and as their bf16 cast (6 H T bytes).
+  const double per_token_layer = bf16 ? 36 * d + 6 * h * t : 64 * d + 4 * h * t;
+  const double blocks = l * mb * t * per_token_layer;
+  // Full-vocabulary fp32 tensors [mb, G, V] alive at the backward peak: log-softmax, its exp, the reference
+  // log-softmax, log p - log p_ref, and two gradients of that shape during backward (an estimate).
+  const double vocab = 6.0 * mb * g * v * 4;
+  const double head = mb * g * 4 * d * 4 * 2;  // value head hidden pre/post ReLU
+  const double kv_cache = 2 * l * b * t * d * 4;  // fp32: the cache takes the weights' dtype, fp32 under autocast
+  const double rollout = b * g * d * 4 + 8 * b * g * 4 + 2 * b * t * 8;  // ref hidden, [B, G] floats, ids + mask
+  nlohmann::json items = {
+      {"runtime_mb", runtime_mb},
+      {"policy_weights_mb", policy_params * 4 / kMiB},
+      {"reference_weights_mb", reference_params * 4 / kMiB},
+      {"gradients_mb", trainable * 4 / kMiB},
+      {"adamw_state_mb", 2.0 * trainable * 4 / kMiB},
+      {"autocast_weight_copies_mb", bf16 ? policy_params * 2 / kMiB : 0.0},
+      {"activations_one_minibatch_mb", (blocks + vocab + head) / kMiB},
+      {"kv_cache_mb", kv_cache / kMiB},
+      {"rollout_buffers_mb", rollout / kMiB}};
+  double total = 0;
+  for (const auto& [key, value] : items.items()) total += value.get<double>();
+  items["bound_mb"] = total;
+  return items;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"One PPO phase of the library, stage by stage, with the machine's matmul ceiling and bandwidth"};
+  Args a;
+  app.add_option("--shape", a.shape, "small (GPT-2-small: 12 x 768, 12 heads, vocab 50257) or tiny")
+      ->check(CLI::IsMember({"small", "tiny"}))
+      ->capture_default_str();
+  app.add_option("--precision", a.precision, "fp32 or bf16 (autocast)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+  app.add_option("--prompts", a.prompts, "prompts per phase")->capture_default_str();
+  app.add_option("--prompt-tokens", a.prompt_tokens, "tokens per prompt, BOS included")->capture_default_str();
+  app.add_option("--new-tokens", a.new_tokens, "tokens generated per prompt")->capture_default_str();
+  app.add_option("--minibatches", a.minibatches)->capture_default_str();
+  app.add_option("--epochs", a.epochs, "passes over the phase's samples")->capture_default_str();
+  app.add_option("--phases", a.phases, "phases run; only the last is measured")->capture_default_str();
+  app.add_option("--seed", a.seed)->capture_default_str();
+  app.add_option("--threads", a.threads, "0 = all cores");
+  app.add_option("--json", a.json_path, "also write the JSON result to this file");
+  app.add_flag("!--no-batch1", a.batch1, "skip the batch-1 sampling measurement");
+  CLI11_PARSE(app, argc, argv);
+  if (a.prompt_tokens < 2 || a.prompts % a.minibatches != 0 || a.phases < 1) {
+    fmt::print(stderr, "ppo_phase: need --prompt-tokens >= 2, --prompts divisible by --minibatches, --phases >= 1\n");
+    return 2;
+  }
+
+  auto runtime = rlhf::configure_runtime({.threads = a.threads});
+  if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
+  const double runtime_mb = bench::rss_mb();
+  const bool bf16 = a.precision == "bf16";
+  const rlhf::GPT2Config gpt2 = shape_config(a.shape);
+
+  // ---- the trainer, as a user builds it ----
+  rlhf::PPOConfig config{.seed = a.seed,
+                         .batch_size = a.prompts,
+                         .num_minibatches = a.minibatches,
+                         .batches_per_learning_phase = a.epochs,
+                         .gen_len = a.new_tokens,
+                         .prepend_bos = true,
+                         .precision = rlhf::parse_precision(a.precision, "--precision")};
+  config.total_phases = std::max<int64_t>(config.total_phases, a.phases + config.warmup_steps + 1);
+  auto reward = rlhf::FunctionReward([](const std::string& text) { return bench::letter_e_share(text); });
+  torch::manual_seed(static_cast<int64_t>(a.seed));
+  rlhf::GPT2Policy policy{rlhf::GPT2<>(gpt2)};
+  rlhf::PPOTrainer<rlhf::GPT2Policy, decltype(reward), rlhf::AdaptiveKL> trainer(
+      policy, reward, config, bench::placeholder_tokenizer(gpt2.vocab_size));
+  const auto prompts = bench::letter_prompts(a.prompts, a.prompt_tokens - 1);  // + BOS
+  const int64_t policy_params = numel(policy->parameters());
+  const int64_t reference_params = numel(trainer.reference()->parameters());
+  const int64_t trainable = numel(policy->base_parameters()) + numel(policy->head_parameters());
+
+  // ---- the phases: the first is the one that grows memory (per-stage peak RSS is read from it: malloc keeps
+  // freed memory, so later phases start at the first one's high-water mark); the last one is timed ----
+  struct PhaseRun {
+    rlhf::PhaseStats stats;
+    double from = 0, to = 0;  // seconds after the sampler's start
+  };
+  std::vector<PhaseRun> runs;
+  bench::reset_peak_rss();
+  bench::RssSampler sampler;
+  for (int64_t i = 0; i < a.phases; ++i) {
+    PhaseRun run;
+    run.from = sampler.offset(std::chrono::steady_clock::now());
+    run.stats = trainer.step(prompts);
+    run.to = sampler.offset(std::chrono::steady_clock::now());
+    runs.push_back(std::move(run));
+  }
+  sampler.stop();
+  const double phase_peak_mb = bench::peak_rss_mb();
+  const rlhf::PhaseStats& stats = runs.back().stats;
+
+  // ---- sampling at batch 1, in the phase's precision ----
+  nlohmann::json batch1;
+  double batch1_seconds = 0;
+  if (a.batch1) {
+    auto prompt = trainer.tokenizer().encode(prompts.front());
+    prompt.insert(prompt.begin(), trainer.tokenizer().eos_id());
+    auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0);  // [1, P]
+    rlhf::SamplingConfig sampling{.max_new_tokens = a.new_tokens, .seed = a.seed};
+    rlhf::AutocastScope autocast(config.precision, torch::kCPU);
+    rlhf::generate(*policy->base, ids, {}, {.max_new_tokens = 2, .seed = a.seed});  // warm-up
+    const auto start = std::chrono::steady_clock::now();
+    rlhf::generate(*policy->base, ids, {}, sampling);
+    batch1_seconds = bench::seconds_since(start);
+  }
+
+  // ---- the machine, measured after the phase so its buffers do not count in the phase's RSS ----
+  const double bandwidth = bench::copy_bandwidth();
+  // The ceiling is the machine's, probed at GPT-2-small widths (or wider) whatever the shape benchmarked: a tiny
+  // model's small GEMMs reach only a fraction of it, and that is what the %ceil column should show.
+  const int64_t mb_rows = a.prompts / a.minibatches * (a.prompt_tokens + a.new_tokens);
+  const int64_t probe_width = std::max<int64_t>(gpt2.n_embd, 768);
+  std::vector<bench::MatmulPoint> fp32_points, bf16_points;
+  const double ceiling_fp32 = bench::matmul_ceiling(torch::kFloat, probe_width, mb_rows, &fp32_points);
+  const double ceiling_bf16 = bench::matmul_ceiling(torch::kBFloat16, probe_width, mb_rows, &bf16_points);
+  const double ceiling = bf16 ? ceiling_bf16 : ceiling_fp32;
+
+  // ---- per-stage numbers ----
+  const StageFlops flops = phase_flops(gpt2, a);
+  const double matmul_bytes = bf16 ? 2.0 : 4.0;
+  const int64_t base_params = numel(policy->base->parameters());
+  // Bytes a stage must move at least: every weight once per decoding step (in the matmul dtype); AdamW reads
+  // parameter, gradient and both moments and writes parameter and moments (7 fp32 values per parameter) per step.
+  const double gen_bytes = static_cast<double>(a.new_tokens) * base_params * matmul_bytes;
+  const double adam_bytes = static_cast<double>(a.minibatches * a.epochs) * 7.0 * 4.0 * trainable;
+  const double b = a.prompts, g = a.new_tokens, t = a.prompt_tokens + a.new_tokens;
+  const double mb = b / a.minibatches;
+  struct Stage {
+    std::string name;
+    double seconds, flops, bytes, tokens;
+    double peak_mb = 0;
+  };
+  std::vector<Stage> stages = {
+      {"generation", stats.seconds_generation, flops.generation, gen_bytes, b * g},
+      {"reward", stats.seconds_reward, 0.0, 0.0, b * g},
+      {"reference", stats.seconds_reference, flops.reference, 0.0, 2 * b * t},
+      {"training", stats.seconds_training, flops.training, adam_bytes,
+       static_cast<double>(a.minibatches * a.epochs) * mb * t}};
+  {
+    // Stage windows of the first phase: generation, reward and reference run back to back from its start;
+    // training ends with it.
+    const auto& first = runs.front();
+    const double gen_end = first.from + first.stats.seconds_generation;
+    const double reward_end = gen_end + first.stats.seconds_reward;
+    stages[0].peak_mb = sampler.max_between(first.from, gen_end);
+    stages[1].peak_mb = sampler.max_between(gen_end, reward_end);
+    stages[2].peak_mb = sampler.max_between(reward_end, reward_end + first.stats.seconds_reference);
+    stages[3].peak_mb = sampler.max_between(first.to - first.stats.seconds_training, first.to);
+  }
+
+  fmt::print("rlhf ppo_phase: shape {} ({} layers, {} wide, {} heads, vocab {}), {}, {} threads, BLAS {}\n", a.shape,
+             gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.vocab_size, a.precision, runtime.threads,
+             runtime.blas_is_openmp_openblas ? "OpenMP OpenBLAS" : runtime.blas);
+  fmt::print("{} prompts x {} tokens, {} new tokens, {} minibatches x {} epochs; copy bandwidth {:.1f} GB/s, "
+             "matmul ceiling fp32 {:.3f} / bf16 {:.3f} TFLOP/s\n",
+             a.prompts, a.prompt_tokens, a.new_tokens, a.minibatches, a.epochs, bandwidth / 1e9, ceiling_fp32 / 1e12,
+             ceiling_bf16 / 1e12);
+  fmt::print("{:<11} {:>9} {:>10} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9}\n", "stage", "seconds", "tokens/s", "TFLOP",
+             "TFLOP/s", "%ceil", "floor s", "x floor", "peak MB");
+  nlohmann::json stage_json = nlohmann::json::object();
+  double total_seconds = 0, total_flops = 0, total_floor = 0;
+  for (const auto& s : stages) {
+    const double floor = s.flops / ceiling + s.bytes / bandwidth;
+    const double tflops = s.seconds > 0 ? s.flops / s.seconds / 1e12 : 0.0;
+    const double peak = s.peak_mb;
+    total_seconds += s.seconds;
+    total_flops += s.flops;
+    total_floor += floor;
+    fmt::print("{:<11} {:>9.3f} {:>10.1f} {:>8.3f} {:>9.3f} {:>6.1f}% {:>9.3f} {:>8.1f} {:>9.0f}\n", s.name, s.seconds,
+               s.tokens / s.seconds, s.flops / 1e12, tflops, 100.0 * tflops * 1e12 / ceiling, floor,
+               floor > 0 ? s.seconds / floor : 0.0, peak);
+    stage_json[s.name] = {{"seconds", s.seconds}, {"tokens_per_s", s.tokens / s.seconds},
+                          {"tflop", s.flops / 1e12}, {"tflops", tflops},
+                          {"fraction_of_ceiling", tflops * 1e12 / ceiling}, {"floor_seconds", floor},
+                          {"x_floor", floor > 0 ? s.seconds / floor : 0.0}, {"peak_rss_mb", peak}};
+  }
+  const double phase_tflops = total_flops / total_seconds / 1e12;
+  fmt::print("{:<11} {:>9.3f} {:>10.1f} {:>8.3f} {:>9.3f} {:>6.1f}% {:>9.3f} {:>8.1f} {:>9.0f}\n", "phase",
+             total_seconds, b * g / total_seconds, total_flops / 1e12, phase_tflops,
+             100 * phase_tflops * 1e12 / ceiling,
+             total_floor, total_seconds / total_floor, phase_peak_mb);
+
+  auto memory = memory_accounting(gpt2, a, bf16, runtime_mb, policy_params, reference_params, trainable);
+  memory["peak_rss_mb"] = phase_peak_mb;
+  fmt::print("memory (MiB): runtime {:.0f} + policy {:.0f} + reference {:.0f} + gradients {:.0f} + AdamW {:.0f} + "
+             "autocast copies {:.0f} + activations of one minibatch {:.0f} + KV cache {:.0f} + rollout {:.0f} = "
+             "{:.0f}; measured peak {:.0f} ({:.2f} of the bound)\n",
+             memory["runtime_mb"].get<double>(), memory["policy_weights_mb"].get<double>(),
+             memory["reference_weights_mb"].get<double>(), memory["gradients_mb"].get<double>(),
+             memory["adamw_state_mb"].get<double>(), memory["autocast_weight_copies_mb"].get<double>(),
+             memory["activations_one_minibatch_mb"].get<double>(), memory["kv_cache_mb"].get<double>(),
+             memory["rollout_buffers_mb"].get<double>(), memory["bound_mb"].get<double>(), phase_peak_mb,
+             phase_peak_mb / memory["bound_mb"].get<double>());
+
+  if (a.batch1) {
+    // A decoding step at batch 1 reads every weight once: its floor is weight bytes (matmul dtype) / bandwidth.
+    const double floor_ms = 1e3 * static_cast<double>(base_params) * matmul_bytes / bandwidth;
+    const double ms = 1e3 * batch1_seconds / static_cast<double>(a.new_tokens);
+    batch1 = {{"tokens_per_s", a.new_tokens / batch1_seconds}, {"ms_per_token", ms},
+              {"bandwidth_floor_ms_per_token", floor_ms}, {"x_floor", ms / floor_ms}};
+    fmt::print("sampling at batch 1: {:.1f} tokens/s, {:.2f} ms/token, floor {:.2f} ms/token ({:.2f}x)\n",
+               a.new_tokens / batch1_seconds, ms, floor_ms, ms / floor_ms);
+  }
+
+  auto points_json = [](const std::vector<bench::MatmulPoint>& points) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& p : points) out.push_back({{"m", p.m}, {"k", p.k}, {"n", p.n}, {"tflops", p.flops / 1e12}});
+    return out;
+  };
+  nlohmann::json result = {
+      {"benchmark", "ppo_phase"},
+      {"implementation", "rlhf"},
+      {"shape", a.shape},
+      {"precision", a.precision},
+      {"threads", runtime.threads},
+      {"prompts", a.prompts},
+      {"prompt_tokens", a.prompt_tokens},
+      {"new_tokens", a.new_tokens},
+      {"minibatches", a.minibatches},
+      {"epochs", a.epochs},
+      {"parameters", policy_params},
+      {"copy_bandwidth_gb_s", bandwidth / 1e9},
+      {"ceiling_tflops", {{"fp32", ceiling_fp32 / 1e12}, {"bf16", ceiling_bf16 / 1e12}}},
+      {"ceiling_points", {{"fp32", points_json(fp32_points)}, {"bf16", points_json(bf16_points)}}},
+      {"stages", stage_json},
+      {"phase",
+       {{"seconds", total_seconds},
+        {"tflops", phase_tflops},
+        {"fraction_of_ceiling", phase_tflops * 1e12 / ceiling},
+        {"floor_seconds", total_floor},
+        {"x_floor", total_seconds / total_floor},
+        {"peak_rss_mb", phase_peak_mb}}},
+      {"memory", memory},
+      {"kl", stats.kl},
+      {"updates", stats.updates}};
+  if (a.batch1) result["generation_batch1"] = batch1;
+  fmt::print("{}\n", result.dump());
+  if (!a.json_path.empty()) std::ofstream(a.json_path) << result.dump(2) << "\n";
+}

@@ -1,0 +1,248 @@
+#!/usr/bin/python3
+"""Runs the library's benchmarks and their PyTorch eager counterparts one after the other and prints the ratios.
+
+  phase       benchmarks/ppo_phase (the library's PPOTrainer) against ppo_phase.py --variant seed and --variant lean,
+              per stage and precision: seconds, eager / library, x floor (the floor from the library run's measured
+              matmul ceiling and copy bandwidth: the work is the same, so is the floor)
+  generation  generation_bench against ppo_phase.py --mode generation (tokens/s at batch 1 and 16, fp32 and bf16)
+  train-step  train_step_bench --no-lora against ppo_phase.py --mode train-step (fp32 and bf16 autocast)
+
+Then the issue's targets, each with the measured value. Run it on an idle machine: every number is a wall-clock
+time on the same cores.
+
+  /usr/bin/python3 benchmarks/python/compare.py --build build-bench [--shape small|tiny] [--threads N]
+      [--precision fp32 bf16] [--variant seed lean] [--only phase generation train-step] [--out compare.json]
+      [--wait-idle SECONDS]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EAGER = os.path.join(HERE, "ppo_phase.py")
+STAGES = ("generation", "reward", "reference", "training")
+TINY = dict(layers=2, width=64, heads=4, vocab=1024)
+
+
+def last_json_line(text):
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("no JSON line in the output:\n" + text[-2000:])
+
+
+def busy_cpu_seconds():
+    """CPU seconds spent by every process of the machine so far (user + nice + system + irq + softirq + steal)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(max_wait, threshold=0.1, window=5.0):
+    """Waits (at most max_wait seconds) until the cores were less than `threshold` busy over `window` seconds."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = busy_cpu_seconds()
+        time.sleep(window)
+        busy = (busy_cpu_seconds() - before) / (window * (os.cpu_count() or 1))
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
+OTHER_LOAD = []  # per run: CPU seconds other processes used while it ran
+
+
+def run(cmd, wait_idle=0):
+    """Runs a benchmark, echoes its table, returns its JSON result. Reports how much CPU other processes took while it
+    ran: the run is only comparable with others when that is near 0."""
+    if wait_idle:
+        wait_until_idle(wait_idle)
+    print("$ " + " ".join(cmd), flush=True)
+    start, busy_before = time.perf_counter(), busy_cpu_seconds()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter() - start
+    own = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
+    other = max(0.0, busy_cpu_seconds() - busy_before - own)
+    OTHER_LOAD.append(dict(command=" ".join(cmd), seconds=wall, other_cpu_seconds=other))
+    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("{")))
+    print(f"({wall:.0f} s; other processes used {other:.1f} CPU-s meanwhile, "
+          f"{100 * other / (wall * (os.cpu_count() or 1)):.0f}% of the cores)\n", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed with exit code {proc.returncode}")
+    return last_json_line(proc.stdout)
+
+
+def ratio(a, b):
+    return a / b if a and b else float("nan")
+
+
+def compare_phase(a, results):
+    lib, eager = {}, {}
+    for precision in a.precision:
+        lib[precision] = run([os.path.join(a.build, "benchmarks", "ppo_phase"), "--shape", a.shape, "--precision",
+                              precision, "--threads", str(a.threads)], a.wait_idle)
+        for variant in a.variant:
+            eager[(variant, precision)] = run([a.python, EAGER, "--mode", "phase", "--variant", variant, "--shape",
+                                               a.shape, "--precision", precision, "--threads", str(a.threads)],
+                                              a.wait_idle)
+    print("PPO phase: seconds per stage, eager / library, and x floor (floor from the library run's ceiling and "
+          "bandwidth)")
+    table = []
+    for precision in a.precision:
+        l = lib[precision]
+        header = f"{precision:<5} {'stage':<11} {'library s':>10} {'x floor':>8}"
+        for variant in a.variant:
+            header += f" {variant + ' s':>10} {variant + '/lib':>9} {'x floor':>8}"
+        print(header)
+        for stage in STAGES + ("phase",):
+            ls = l["stages"][stage] if stage != "phase" else l["phase"]
+            floor = ls["floor_seconds"]
+            row = f"{precision:<5} {stage:<11} {ls['seconds']:>10.3f} {ratio(ls['seconds'], floor):>8.1f}"
+            entry = dict(precision=precision, stage=stage, library_seconds=ls["seconds"], floor_seconds=floor,
+                         library_peak_rss_mb=ls["peak_rss_mb"])
+            for variant in a.variant:
+                e = eager[(variant, precision)]
+                es = e["stages"][stage] if stage != "phase" else e["phase"]
+                row += (f" {es['seconds']:>10.3f} {ratio(es['seconds'], ls['seconds']):>9.2f}"
+                        f" {ratio(es['seconds'], floor):>8.1f}")
+                entry[f"{variant}_seconds"] = es["seconds"]
+                entry[f"{variant}_over_library"] = ratio(es["seconds"], ls["seconds"])
+                entry[f"{variant}_peak_rss_mb"] = es["peak_rss_mb"]
+            print(row)
+            table.append(entry)
+        peaks = f"{precision:<5} peak RSS MB: library {l['phase']['peak_rss_mb']:.0f} (bound " \
+                f"{l['memory']['bound_mb']:.0f})"
+        for variant in a.variant:
+            peaks += f", {variant} {eager[(variant, precision)]['phase']['peak_rss_mb']:.0f}"
+        print(peaks + "\n")
+    results["phase"] = dict(library=lib, eager={f"{v}-{p}": r for (v, p), r in eager.items()}, table=table)
+    return lib, eager
+
+
+def compare_generation(a, results):
+    shape = ["--layers", str(TINY["layers"]), "--width", str(TINY["width"]), "--heads", str(TINY["heads"]),
+             "--vocab", str(TINY["vocab"])] if a.shape == "tiny" else []
+    lib = run([os.path.join(a.build, "benchmarks", "generation_bench"), "--new-tokens", "32", "--batch", "1", "16",
+               "--threads", str(a.threads)] + shape, a.wait_idle)
+    eager = run([a.python, EAGER, "--mode", "generation", "--shape", a.shape, "--new-tokens", "32", "--batch", "1",
+                 "16", "--threads", str(a.threads)], a.wait_idle)
+    print("Sampling (KV cache, 16-token prompts, 32 new tokens, top-k 10): tokens/s and library / eager")
+    print(f"{'dtype':<6} {'batch':>5} {'library':>9} {'x floor':>8} {'seed':>9} {'lib/seed':>9} {'lean':>9} "
+          f"{'lib/lean':>9}")
+    table = []
+    for r in lib["results"]:
+        e = {x["variant"]: x for x in eager["results"] if x["dtype"] == r["dtype"] and x["batch"] == r["batch"]}
+        entry = dict(dtype=r["dtype"], batch=r["batch"], library=r["tokens_per_s"], x_floor=r.get("x_floor"),
+                     seed=e["seed"]["tokens_per_s"], lean=e["lean"]["tokens_per_s"])
+        print(f"{r['dtype']:<6} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r.get('x_floor', float('nan')):>8.2f} "
+              f"{entry['seed']:>9.1f} {ratio(r['tokens_per_s'], entry['seed']):>9.2f} {entry['lean']:>9.1f} "
+              f"{ratio(r['tokens_per_s'], entry['lean']):>9.2f}")
+        table.append(entry)
+    print()
+    results["generation"] = dict(library=lib, eager=eager, table=table)
+    return table
+
+
+def compare_train_step(a, results):
+    shape = ["--layers", str(TINY["layers"]), "--width", str(TINY["width"]), "--heads", str(TINY["heads"]),
+             "--vocab", str(TINY["vocab"])] if a.shape == "tiny" else []
+    lib = run([os.path.join(a.build, "benchmarks", "train_step_bench"), "--no-lora", "--threads", str(a.threads)]
+              + shape, a.wait_idle)
+    eager = run([a.python, EAGER, "--mode", "train-step", "--shape", a.shape, "--threads", str(a.threads)],
+                a.wait_idle)
+    print("Learning step (8 x 66 tokens, 50 scored, forward + backward + AdamW): s/step and eager / library")
+    table = []
+    for r in lib["results"]:
+        e = next(x for x in eager["results"] if x["precision"] == r["precision"])
+        entry = dict(precision=r["precision"], library_seconds=r["seconds_per_step"],
+                     library_tflops=r["tflops"], eager_seconds=e["seconds_per_step"], eager_tflops=e["tflops"])
+        print(f"{r['precision']:<5} library {r['seconds_per_step']:.3f} s ({r['tflops']:.3f} TFLOP/s), eager "
+              f"{e['seconds_per_step']:.3f} s ({e['tflops']:.3f} TFLOP/s): eager / library "
+              f"{ratio(e['seconds_per_step'], r['seconds_per_step']):.2f}")
+        table.append(entry)
+    print()
+    results["train_step"] = dict(library=lib, eager=eager, table=table)
+    return table
+
+
+def targets(a, results, phase, generation, train_step):
+    """The issue's targets with their measured values (benchmarks, not tests: nothing fails)."""
+    out = []
+
+    def check(name, value, goal, ok):
+        out.append(dict(target=name, value=value, goal=goal, met=bool(ok)))
+        print(f"  [{'met' if ok else 'NOT met'}] {name}: {value:.2f} (goal {goal})")
+
+    print("Targets")
+    if phase:
+        lib, eager = phase
+        if "fp32" in lib and ("seed", "fp32") in eager:
+            r = ratio(eager[("seed", "fp32")]["phase"]["seconds"], lib["fp32"]["phase"]["seconds"])
+            check("phase, library fp32 (default) vs seed-style eager fp32, speed-up", r, ">= 5", r >= 5)
+        for p in lib:
+            if ("lean", p) in eager:
+                r = ratio(eager[("lean", p)]["phase"]["seconds"], lib[p]["phase"]["seconds"])
+                check(f"phase, library vs lean eager, both {p}, speed-up", r, ">= 1.5", r >= 1.5)
+            m = lib[p]["memory"]
+            check(f"phase {p} peak RSS / accounted bound", m["peak_rss_mb"] / m["bound_mb"], "<= 1",
+                  m["peak_rss_mb"] <= m["bound_mb"])
+            check(f"phase {p} measured / floor", lib[p]["phase"]["x_floor"], "as low as possible", True)
+    ceiling_bf16 = None
+    if phase:
+        ceiling_bf16 = next(iter(phase[0].values()))["ceiling_tflops"]["bf16"]
+    if train_step and ceiling_bf16:
+        bf16 = next((r for r in train_step if r["precision"] == "bf16"), None)
+        if bf16:
+            f = bf16["library_tflops"] / ceiling_bf16
+            check("training fwd+bwd bf16, share of the bf16 matmul ceiling", f, ">= 0.5", f >= 0.5)
+    if generation:
+        for r in generation:
+            if r["batch"] == 16:
+                x = ratio(r["library"], r["lean"])
+                check(f"sampling batch 16 {r['dtype']}, library / lean eager KV cache", x, ">= 2", x >= 2)
+            if r["batch"] == 1 and r.get("x_floor"):
+                check(f"sampling batch 1 {r['dtype']}, time / bandwidth floor", r["x_floor"], "<= 2",
+                      r["x_floor"] <= 2)
+    results["targets"] = out
+
+
+def main():
+    p = argparse.ArgumentParser(description="library vs PyTorch eager, stage by stage")
+    p.add_argument("--build", default="build", help="the CMake build folder holding benchmarks/")
+    p.add_argument("--shape", choices=["small", "tiny"], default="small")
+    p.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--variant", nargs="+", choices=["seed", "lean"], default=["seed", "lean"])
+    p.add_argument("--only", nargs="+", choices=["phase", "generation", "train-step"],
+                   default=["phase", "generation", "train-step"])
+    p.add_argument("--python", default="/usr/bin/python3", help="the interpreter with Debian's torch")
+    p.add_argument("--out", default="", help="write every result and ratio to this JSON file")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="before each run, wait up to this long for the cores to be idle (a shared machine)")
+    a = p.parse_args()
+    a.threads = a.threads or os.cpu_count() or 1
+    results = dict(shape=a.shape, threads=a.threads, load_average_at_start=os.getloadavg()[0])
+    phase = compare_phase(a, results) if "phase" in a.only else None
+    generation = compare_generation(a, results) if "generation" in a.only else None
+    train_step = compare_train_step(a, results) if "train-step" in a.only else None
+    targets(a, results, phase, generation, train_step)
+    results["load_average_at_end"] = os.getloadavg()[0]
+    results["other_load"] = OTHER_LOAD
+    print("CPU taken by other processes during each run (numbers are comparable only where this is near 0):")
+    for r in OTHER_LOAD:
+        print(f"  {r['other_cpu_seconds']:7.1f} CPU-s in {r['seconds']:6.0f} s  {r['command']}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
