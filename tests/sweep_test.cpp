@@ -134,6 +134,28 @@ TEST_CASE("sweep space: unit-cube mapping, grids and parsing") {
   }
 }
 
+TEST_CASE("sweep space: Gaussian-process features are unit coordinates and one-hot choices") {
+  sw::SearchSpace space({sw::Param::uniform("x", 0, 10), sw::Param::categorical("c", {"k1", "k3", "abs"})});
+  CHECK(space.size() == 2);
+  CHECK(space.feature_size() == 4);
+  CHECK(space.feature_params() == std::vector<int64_t>{0, 1, 1, 1});
+  CHECK(space.features(json{{"x", 2.5}, {"c", "k3"}}) == std::vector<double>{0.25, 0, 1, 0});
+  CHECK(space.features(json{{"x", 10.0}, {"c", "k1"}}) == std::vector<double>{1, 1, 0, 0});
+  // From unit coordinates: the categorical coordinate snaps to its choice first (0.9 of 3 choices: the third).
+  CHECK(space.unit_features({0.25, 0.9}) == std::vector<double>{0.25, 0, 0, 1});
+  CHECK(space.unit_features({0.0, 0.34}) == std::vector<double>{0, 0, 1, 0});
+  // Integers: the unit coordinate of the value, i.e. snapped (0.3 of [1, 5] is 2.2 -> 2 -> 0.25).
+  sw::SearchSpace with_integer({sw::Param::integer("r", 1, 5), sw::Param::categorical("b", {true, false})});
+  CHECK(with_integer.feature_size() == 3);
+  CHECK(with_integer.unit_features({0.3, 0.2}) == std::vector<double>{0.25, 1, 0});
+  CHECK(with_integer.features(json{{"r", 5}, {"b", false}}) == std::vector<double>{1, 0, 1});
+
+  CHECK_THROWS_WITH_AS(space.features(json{{"x", 2.5}, {"c", "k2"}}),
+                       R"(sweep: parameter 'c': "k2" is not one of the choices ["k1","k3","abs"])", rlhf::Error);
+  CHECK_THROWS_WITH_AS(space.features(json{{"x", 2.5}}), R"(sweep: point {"x":2.5}: parameter 'c' is missing)",
+                       rlhf::Error);
+}
+
 // ---- Gaussian process ----
 
 TEST_CASE("GP posterior mean and variance match an independent computation") {
@@ -216,6 +238,47 @@ TEST_CASE("GP posterior mean and variance match an independent computation") {
   }
 }
 
+TEST_CASE("GP with shared length scales: every two different categorical choices are equally correlated") {
+  // Features of x uniform in [0, 1] and c in {k1, k3, abs}; x and c's three one-hot columns have a length scale each.
+  sw::SearchSpace space({sw::Param::uniform("x", 0, 1), sw::Param::categorical("c", {"k1", "k3", "abs"})});
+  const std::vector<json> choices = space.params()[1].choices;
+  Eigen::MatrixXd X(3, 4);
+  Eigen::VectorXd y(3);
+  for (int i = 0; i < 3; ++i) {
+    const auto f = space.features(json{{"x", 0.2 * i}, {"c", choices[static_cast<size_t>(i)]}});
+    X.row(i) = Eigen::Map<const Eigen::RowVectorXd>(f.data(), 4);
+    y(i) = i;
+  }
+  sw::GPHyperparameters h;
+  h.length_scales = Eigen::Vector2d(0.5, 0.8);
+  h.signal_variance = 1.5;
+  sw::GaussianProcess gp({.fit_hyperparameters = false, .initial = h, .length_scale_groups = space.feature_params()});
+  gp.fit(X, y);
+  CHECK(gp.hyperparameters().length_scales.size() == 2);
+  Eigen::MatrixXd F(3, 4);
+  for (int i = 0; i < 3; ++i) {
+    const auto f = space.features(json{{"x", 0.4}, {"c", choices[static_cast<size_t>(i)]}});
+    F.row(i) = Eigen::Map<const Eigen::RowVectorXd>(f.data(), 4);
+  }
+  const Eigen::MatrixXd K = gp.kernel(F, F);
+  // Two different choices differ in two one-hot coordinates: r = sqrt(2) / 0.8 for every pair.
+  const double between = 1.5 * sw::matern52(std::sqrt(2.0) / 0.8);
+  for (int i = 0; i < 3; ++i) {
+    CHECK(K(i, i) == doctest::Approx(1.5));
+    for (int j = 0; j < 3; ++j)
+      if (i != j) CHECK(K(i, j) == doctest::Approx(between).epsilon(1e-12));
+  }
+
+  sw::GPOptions wrong;
+  wrong.length_scale_groups = {0, 1};
+  CHECK_THROWS_WITH_AS(sw::GaussianProcess(wrong).fit(X, y),
+                       "gp: length_scale_groups has 2 entries, expected one per input column (4)", rlhf::Error);
+  wrong.length_scale_groups = {0, 2, 2, 2};
+  CHECK_THROWS_WITH_AS(sw::GaussianProcess(wrong).fit(X, y),
+                       "gp: length_scale_groups: expected the groups 0 to 2 each used, group 1 has no column",
+                       rlhf::Error);
+}
+
 // ---- searchers ----
 
 TEST_CASE("search: Bayesian optimisation finds the Branin optimum in fewer evaluations than random search") {
@@ -288,6 +351,80 @@ TEST_CASE("search: searchers are deterministic, grids end, failed trials do not 
     CHECK(sw::make_searcher({.kind = sw::SearcherKind::grid}, space)->name() == "grid");
     CHECK(sw::make_searcher({.kind = sw::SearcherKind::random}, space)->name() == "random");
     CHECK(sw::make_searcher({}, space)->name() == "bayes");
+  }
+}
+
+TEST_CASE("search: Bayesian optimisation does not depend on the order of categorical choices") {
+  // The same finished trials, with the choices listed in two orders: the fitted GP (hyperparameters, posterior mean
+  // and variance at every choice) is the same. With the choices on one ordered axis, it would not be.
+  const std::vector<json> listed = {"k1", "k3", "abs"}, reordered = {"abs", "k1", "k3"};
+  sw::SearchSpace a({sw::Param::uniform("x", 0, 1), sw::Param::categorical("c", listed)});
+  sw::SearchSpace b({sw::Param::uniform("x", 0, 1), sw::Param::categorical("c", reordered)});
+  const double xs[] = {0.1, 0.35, 0.6, 0.85, 0.2, 0.7, 0.5};
+  const char* cs[] = {"k1", "abs", "k3", "k1", "k3", "abs", "k1"};
+  std::vector<sw::Trial> history;
+  for (int i = 0; i < 7; ++i) {
+    const double offset = cs[i] == std::string("k1") ? 0.2 : cs[i] == std::string("k3") ? 0.0 : 0.3;
+    history.push_back({.index = i,
+                       .point = json{{"x", xs[i]}, {"c", cs[i]}},
+                       .objective = -std::pow(xs[i] - 0.3, 2) - offset + 0.05 * std::sin(9 * xs[i])});
+  }
+  sw::BayesianSearch sa(a, {.initial = 4}), sb(b, {.initial = 4});
+  REQUIRE(sa.suggest(history));
+  REQUIRE(sb.suggest(history));
+  const auto& ha = sa.gp().hyperparameters();
+  const auto& hb = sb.gp().hyperparameters();
+  REQUIRE(ha.length_scales.size() == 2);  // one per parameter
+  REQUIRE(hb.length_scales.size() == 2);
+  for (int k = 0; k < 2; ++k) CHECK(ha.length_scales(k) == doctest::Approx(hb.length_scales(k)).epsilon(1e-9));
+  CHECK(ha.signal_variance == doctest::Approx(hb.signal_variance).epsilon(1e-9));
+  CHECK(ha.noise_variance == doctest::Approx(hb.noise_variance).epsilon(1e-9));
+  for (const double x : {0.0, 0.3, 0.55, 1.0}) {
+    for (const auto& c : listed) {
+      CAPTURE(x);
+      CAPTURE(c);
+      const json point = {{"x", x}, {"c", c}};
+      const auto fa = a.features(point), fb = b.features(point);
+      const auto pa = sa.gp().predict(Eigen::Map<const Eigen::RowVectorXd>(fa.data(), 4));
+      const auto pb = sb.gp().predict(Eigen::Map<const Eigen::RowVectorXd>(fb.data(), 4));
+      CHECK(pa.mean(0) == doctest::Approx(pb.mean(0)).epsilon(1e-9));
+      CHECK(pa.variance(0) == doctest::Approx(pb.variance(0)).epsilon(1e-9));
+    }
+  }
+  // The kernel between (x, choice i) and (x, choice j) is one value for every i != j.
+  Eigen::MatrixXd F(3, 4);
+  for (int i = 0; i < 3; ++i) {
+    const auto f = a.features(json{{"x", 0.4}, {"c", listed[static_cast<size_t>(i)]}});
+    F.row(i) = Eigen::Map<const Eigen::RowVectorXd>(f.data(), 4);
+  }
+  const Eigen::MatrixXd K = sa.gp().kernel(F, F);
+  CHECK(K(0, 1) == doctest::Approx(K(0, 2)).epsilon(1e-12));
+  CHECK(K(1, 2) == doctest::Approx(K(0, 2)).epsilon(1e-12));
+  CHECK(K(0, 1) < K(0, 0));
+}
+
+TEST_CASE("search: Bayesian optimisation finds the best categorical choice in the middle of the list") {
+  // f(x, c) = (x - 0.3)^2 + {0.5, 0, 0.7}[c], minimised: the middle choice at x = 0.3.
+  sw::SearchSpace space({sw::Param::uniform("x", 0, 1), sw::Param::categorical("c", {"k1", "k3", "abs"})});
+  const double offset[] = {0.5, 0.0, 0.7};
+  constexpr int kBudget = 12;
+  for (uint64_t seed = 0; seed < 5; ++seed) {
+    CAPTURE(seed);
+    sw::BayesianSearch search(space, {.seed = seed});
+    std::vector<sw::Trial> history;
+    for (int i = 0; i < kBudget; ++i) {
+      auto p = search.suggest(history);
+      REQUIRE(p.has_value());
+      const double x = (*p)["x"].get<double>();
+      const double f = std::pow(x - 0.3, 2) + offset[space.params()[1].choice_index((*p)["c"])];
+      history.push_back({.index = i, .point = *p, .objective = -f});
+    }
+    const auto best = sw::best_trial(history);
+    REQUIRE(best);
+    MESSAGE("seed " << seed << ": best " << history[*best].point.dump() << " after " << *best + 1 << " of " << kBudget
+                    << " evaluations");
+    CHECK(history[*best].point["c"] == "k3");
+    CHECK(std::abs(history[*best].point["x"].get<double>() - 0.3) < 0.05);
   }
 }
 

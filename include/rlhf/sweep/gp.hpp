@@ -1,7 +1,8 @@
 #pragma once
 /// @file Gaussian-process regression for Bayesian optimisation, in Eigen: a Matern 5/2 kernel with one length scale
-/// per input dimension (ARD), hyperparameters fitted by maximising the log marginal likelihood, posterior mean and
-/// variance through a Cholesky factor (never an inverse), and the expected-improvement acquisition.
+/// per input dimension (ARD; or one per group of dimensions), hyperparameters fitted by maximising the log marginal
+/// likelihood, posterior mean and variance through a Cholesky factor (never an inverse), and the expected-improvement
+/// acquisition.
 ///
 /// References: Rasmussen & Williams, "Gaussian Processes for Machine Learning", MIT Press 2006 (Matern kernel: eq.
 /// 4.17; prediction: Algorithm 2.1; marginal likelihood: eq. 2.30); Jones, Schonlau & Welch, "Efficient Global
@@ -33,8 +34,9 @@ namespace rlhf::sweep {
 
 /// The kernel's hyperparameters: k(x, x') = signal_variance (1 + sqrt5 r + 5/3 r^2) exp(-sqrt5 r) with
 /// r^2 = sum_d (x_d - x'_d)^2 / length_scales_d^2, plus noise_variance on the diagonal of the training covariance.
+/// With GPOptions::length_scale_groups, the dimensions of a group share one length scale.
 struct GPHyperparameters {
-  Eigen::VectorXd length_scales;  ///< one per input dimension, e.g. {0.3, 0.3} (inputs in [0, 1])
+  Eigen::VectorXd length_scales;  ///< one per input dimension or group, e.g. {0.3, 0.3} (inputs in [0, 1])
   double signal_variance = 1.0;   ///< prior variance of the function, e.g. 1 (outputs standardised)
   double noise_variance = 1e-6;   ///< observation noise variance, e.g. 1e-6 (nearly noise-free)
 };
@@ -52,6 +54,10 @@ struct GPOptions {
   double min_noise_variance = 1e-6;   ///< e.g. 1e-6
   double max_noise_variance = 0.5;    ///< e.g. 0.5
   int64_t max_evaluations = 400;      ///< likelihood evaluations per Nelder-Mead start, e.g. 400
+  /// Input column j uses length scale length_scale_groups[j]: e.g. {0, 1, 1, 1} for a number and the three one-hot
+  /// coordinates of a categorical parameter, which then share one length scale. The groups are numbered 0, 1, ...,
+  /// k - 1, each used; empty: one length scale per column (plain ARD).
+  std::vector<int64_t> length_scale_groups;
 };
 
 /// Posterior of the latent function at test points.
@@ -182,7 +188,8 @@ inline Eigen::VectorXd nelder_mead(const std::function<double(const Eigen::Vecto
 /// lie in the unit cube (the length-scale bounds assume it); outputs are standardised internally by default.
 ///
 /// fit() maximises the log marginal likelihood over log length scales, log signal variance and log noise variance
-/// (box-bounded) with Nelder-Mead from a few fixed starts: deterministic for given data.
+/// (box-bounded) with Nelder-Mead from a few fixed starts: deterministic for given data. With
+/// GPOptions::length_scale_groups the columns of a group share one length scale (one hyperparameter).
 class GaussianProcess {
  public:
   /// A process with `options` (hyperparameters are fitted on fit() unless options.fit_hyperparameters is false).
@@ -196,6 +203,7 @@ class GaussianProcess {
       rlhf::detail::fail("gp: fit needs one output per input row and at least one row, got {} rows and {} outputs",
                          X.rows(), y.size());
     if (!X.allFinite() || !y.allFinite()) rlhf::detail::fail("gp: inputs and outputs must be finite");
+    const Eigen::Index scales = set_groups(X.cols());
     X_ = X;
     mean_ = 0.0;
     scale_ = 1.0;
@@ -205,7 +213,7 @@ class GaussianProcess {
       scale_ = var > 1e-24 ? std::sqrt(var) : 1.0;
     }
     y_ = (y.array() - mean_) / scale_;
-    hyper_ = start_hyperparameters(X.cols());
+    hyper_ = start_hyperparameters(scales);
     if (options_.fit_hyperparameters) fit_hyperparameters();
     factor();
   }
@@ -214,7 +222,7 @@ class GaussianProcess {
   /// variance = k(x, x) - v^T v with v = L^-1 k* (R&W Algorithm 2.1).
   GPPrediction predict(const Eigen::MatrixXd& Xs) const {
     require_fitted();
-    const Eigen::MatrixXd Ks = matern52_kernel(X_, Xs, hyper_);  // [n, m]
+    const Eigen::MatrixXd Ks = matern52_kernel(X_, Xs, per_column(hyper_));  // [n, m]
     GPPrediction out;
     out.mean = (Ks.transpose() * alpha_).array() * scale_ + mean_;
     const Eigen::MatrixXd V = llt_->matrixL().solve(Ks);  // [n, m]
@@ -222,13 +230,21 @@ class GaussianProcess {
     return out;
   }
 
+  /// The prior covariance K[i, j] = k(A.row(i), B.row(j)) under the hyperparameters in use, in standardised units
+  /// (signal_variance where two rows are equal).
+  Eigen::MatrixXd kernel(const Eigen::MatrixXd& A, const Eigen::MatrixXd& B) const {
+    require_fitted();
+    return matern52_kernel(A, B, per_column(hyper_));
+  }
+
   /// The log marginal likelihood of the (standardised) training outputs under the current hyperparameters.
   double log_marginal_likelihood() const {
     require_fitted();
-    return detail::log_marginal_likelihood(X_, y_, hyper_);
+    return detail::log_marginal_likelihood(X_, y_, per_column(hyper_));
   }
 
-  /// The hyperparameters in use (fitted or fixed), in standardised units.
+  /// The hyperparameters in use (fitted or fixed), in standardised units; one length scale per group of columns
+  /// with GPOptions::length_scale_groups.
   const GPHyperparameters& hyperparameters() const noexcept { return hyper_; }
   /// The options.
   const GPOptions& options() const noexcept { return options_; }
@@ -236,6 +252,38 @@ class GaussianProcess {
   bool fitted() const noexcept { return llt_.has_value(); }
 
  private:
+  /// Reads options_.length_scale_groups for inputs of `columns` columns into group_of_; returns the number of length
+  /// scales.
+  Eigen::Index set_groups(Eigen::Index columns) {
+    const auto& groups = options_.length_scale_groups;
+    group_of_.clear();
+    if (groups.empty()) return columns;
+    if (static_cast<Eigen::Index>(groups.size()) != columns)
+      rlhf::detail::fail("gp: length_scale_groups has {} entries, expected one per input column ({})", groups.size(),
+                         columns);
+    for (const int64_t g : groups)
+      if (g < 0) rlhf::detail::fail("gp: length_scale_groups: expected group indices >= 0, got {}", g);
+    const int64_t count = *std::max_element(groups.begin(), groups.end()) + 1;
+    std::vector<bool> used(static_cast<size_t>(count), false);
+    for (const int64_t g : groups) used[static_cast<size_t>(g)] = true;
+    for (int64_t g = 0; g < count; ++g)
+      if (!used[static_cast<size_t>(g)])
+        rlhf::detail::fail("gp: length_scale_groups: expected the groups 0 to {} each used, group {} has no column",
+                           count - 1, g);
+    group_of_ = groups;
+    return static_cast<Eigen::Index>(count);
+  }
+
+  /// `h` with one length scale per input column (its group's).
+  GPHyperparameters per_column(const GPHyperparameters& h) const {
+    if (group_of_.empty()) return h;
+    Eigen::VectorXd scales(static_cast<Eigen::Index>(group_of_.size()));
+    for (size_t j = 0; j < group_of_.size(); ++j)
+      scales(static_cast<Eigen::Index>(j)) = h.length_scales(static_cast<Eigen::Index>(group_of_[j]));
+    return GPHyperparameters{
+        .length_scales = std::move(scales), .signal_variance = h.signal_variance, .noise_variance = h.noise_variance};
+  }
+
   GPHyperparameters start_hyperparameters(Eigen::Index d) const {
     GPHyperparameters h = options_.initial;
     if (h.length_scales.size() == 0) {
@@ -243,7 +291,8 @@ class GaussianProcess {
       if (options_.fit_hyperparameters) h.noise_variance = 1e-4;
     }
     if (h.length_scales.size() != d)
-      rlhf::detail::fail("gp: {} length scales given for {}-dimensional inputs", h.length_scales.size(), d);
+      rlhf::detail::fail("gp: {} length scales given, expected {} (one per input column or length-scale group)",
+                         h.length_scales.size(), d);
     if (!(h.length_scales.array() > 0).all() || !(h.signal_variance > 0) || !(h.noise_variance >= 0))
       rlhf::detail::fail("gp: length scales and the signal variance must be positive, the noise variance non-negative");
     return h;
@@ -252,7 +301,7 @@ class GaussianProcess {
   /// Box-bounded maximisation of the log marginal likelihood in log space, from starts at length scales 0.2, 0.5
   /// and 1.5; the objective clamps each coordinate to its bounds and adds the squared excursion as a penalty.
   void fit_hyperparameters() {
-    const Eigen::Index d = X_.cols();
+    const Eigen::Index d = hyper_.length_scales.size();
     Eigen::VectorXd lo(d + 2), hi(d + 2);
     lo.head(d).setConstant(std::log(options_.min_length_scale));
     hi.head(d).setConstant(std::log(options_.max_length_scale));
@@ -270,7 +319,7 @@ class GaussianProcess {
     };
     auto objective = [&](const Eigen::VectorXd& theta) {
       const double excursion = (theta - theta.cwiseMax(lo).cwiseMin(hi)).squaredNorm();
-      return -detail::log_marginal_likelihood(X_, y_, unpack(theta)) + 10.0 * excursion;
+      return -detail::log_marginal_likelihood(X_, y_, per_column(unpack(theta))) + 10.0 * excursion;
     };
     double best_value = std::numeric_limits<double>::infinity();
     Eigen::VectorXd best_theta;
@@ -290,7 +339,7 @@ class GaussianProcess {
   }
 
   void factor() {
-    llt_ = detail::cholesky(matern52_kernel(X_, X_, hyper_), hyper_.noise_variance);
+    llt_ = detail::cholesky(matern52_kernel(X_, X_, per_column(hyper_)), hyper_.noise_variance);
     if (!llt_)
       rlhf::detail::fail(
           "gp: the covariance of {} points is not positive definite even with jitter ---> HINT: remove "
@@ -305,6 +354,7 @@ class GaussianProcess {
 
   GPOptions options_;
   GPHyperparameters hyper_;
+  std::vector<int64_t> group_of_;  ///< length-scale group of each input column; empty: one scale per column
   Eigen::MatrixXd X_;
   Eigen::VectorXd y_;
   Eigen::VectorXd alpha_;

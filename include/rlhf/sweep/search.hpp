@@ -181,7 +181,8 @@ struct BayesOptions {
   int64_t candidates = 2000;        ///< uniform random candidates per suggestion, e.g. 2000 (plus ones near the best)
   double xi = 0.01;                 ///< exploration margin of expected improvement, in standardised units, e.g. 0.01
   int64_t refine_evaluations = 60;  ///< Nelder-Mead steps polishing the best candidate's EI (0 = off)
-  GPOptions gp;                     ///< the Gaussian process (hyperparameters fitted by default)
+  GPOptions gp;                     ///< the Gaussian process (hyperparameters fitted by default); its
+                                    ///< length_scale_groups are set from the space (one length scale per parameter)
 };
 
 /// Bayesian optimisation (Snoek et al. 2012): a seeded Latin-hypercube initial design, then at each step a Gaussian
@@ -189,8 +190,17 @@ struct BayesOptions {
 /// highest expected improvement (Jones et al. 1998) among uniform random candidates and Gaussian perturbations of
 /// the best trials (at three radii), polished by a few Nelder-Mead steps. Failed trials enter the GP with the worst
 /// objective seen, so the search moves away from them; objectives below the median are log-compressed
-/// (compress_low_tail) before the fit. Integer and categorical coordinates are snapped to their values (a categorical
-/// axis is ordinal here: choice i sits at (i + 0.5) / n).
+/// (compress_low_tail) before the fit.
+///
+/// The GP's inputs are SearchSpace::features() (Garrido-Merchan & Hernandez-Lobato, "Dealing with categorical and
+/// integer-valued variables in Bayesian optimization with Gaussian processes", Neurocomputing 380, 2020): a numeric
+/// parameter is its unit coordinate (snapped to its value for an integer one), a categorical parameter with n choices
+/// is n one-hot coordinates, so that any two different choices are equally far apart whatever their order. Candidates
+/// are drawn and perturbed in the unit cube, then snapped to valid points before their features are computed, so
+/// expected improvement is evaluated only where a trial can run. The features of one parameter share one length
+/// scale (GPOptions::length_scale_groups): for a categorical parameter the kernel between two different choices is
+/// then the same for every pair (the model does not depend on the order of the choices), and the fit has one
+/// hyperparameter per parameter however many choices there are.
 class BayesianSearch : public Searcher {
  public:
   /// Bayesian optimisation over `space`.
@@ -199,10 +209,11 @@ class BayesianSearch : public Searcher {
     if (options_.initial < 0 || options_.candidates < 1)
       rlhf::detail::fail("sweep: bayes: initial must be >= 0 and candidates >= 1, got {} and {}", options_.initial,
                          options_.candidates);
+    options_.gp.length_scale_groups = space_.feature_params();
   }
 
   std::optional<Point> suggest(const std::vector<Trial>& history) override {
-    const size_t n = history.size(), d = space_.size();
+    const size_t n = history.size(), d = space_.size(), features = space_.feature_size();
     const size_t initial = initial_points();
     if (n < initial) return space_.from_unit(detail::latin_hypercube(initial, d, options_.seed)[n]);
 
@@ -212,11 +223,14 @@ class BayesianSearch : public Searcher {
       if (t.ok()) worst = std::min(worst, t.objective);
     detail::Rng rng(options_.seed, n);
     if (!std::isfinite(worst)) return space_.from_unit(detail::random_unit(rng, d));  // nothing succeeded yet
-    Eigen::MatrixXd X(static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d));
+    // X: the trials' GP features; U: their unit coordinates (where candidates are perturbed).
+    Eigen::MatrixXd X(static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(features));
+    std::vector<std::vector<double>> U(n);
     Eigen::VectorXd y(static_cast<Eigen::Index>(n));
     for (size_t i = 0; i < n; ++i) {
-      const auto u = space_.to_unit(history[i].point);
-      for (size_t j = 0; j < d; ++j) X(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(j)) = u[j];
+      U[i] = space_.to_unit(history[i].point);
+      const auto f = space_.features(history[i].point);
+      for (size_t j = 0; j < features; ++j) X(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(j)) = f[j];
       y(static_cast<Eigen::Index>(i)) = history[i].ok() ? history[i].objective : worst;
     }
     y = compress_low_tail(y);
@@ -226,7 +240,7 @@ class BayesianSearch : public Searcher {
     const double scale = std::sqrt(std::max(variance(y), 1e-24));
     const double xi = options_.xi * scale;
 
-    // Candidates: uniform draws, and perturbations of the best few trials at two radii.
+    // Candidates in the unit cube: uniform draws, and perturbations of the best few trials at three radii.
     std::vector<std::vector<double>> candidates;
     for (int64_t i = 0; i < options_.candidates; ++i) candidates.push_back(detail::random_unit(rng, d));
     std::vector<size_t> order(n);
@@ -238,25 +252,26 @@ class BayesianSearch : public Searcher {
       for (const double radius : {0.005, 0.02, 0.1}) {
         for (int i = 0; i < 50; ++i) {
           std::vector<double> u(d);
-          for (size_t j = 0; j < d; ++j)
-            u[j] = std::clamp(
-                X(static_cast<Eigen::Index>(order[k]), static_cast<Eigen::Index>(j)) + radius * rng.normal(), 0.0, 1.0);
+          for (size_t j = 0; j < d; ++j) u[j] = std::clamp(U[order[k]][j] + radius * rng.normal(), 0.0, 1.0);
           candidates.push_back(std::move(u));
         }
       }
     }
     for (auto& u : candidates) u = space_.snap(u);
 
-    // The candidate of highest expected improvement that is not a finished trial's point.
+    // The candidate of highest expected improvement that is not a finished trial's point, judged on the features
+    // of the (snapped) unit points.
     auto ei_of = [&](const std::vector<std::vector<double>>& points) {
-      Eigen::MatrixXd C(static_cast<Eigen::Index>(points.size()), static_cast<Eigen::Index>(d));
-      for (size_t i = 0; i < points.size(); ++i)
-        for (size_t j = 0; j < d; ++j) C(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(j)) = points[i][j];
+      Eigen::MatrixXd C(static_cast<Eigen::Index>(points.size()), static_cast<Eigen::Index>(features));
+      for (size_t i = 0; i < points.size(); ++i) {
+        const auto f = space_.unit_features(points[i]);
+        for (size_t j = 0; j < features; ++j) C(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(j)) = f[j];
+      }
       const auto p = gp_.predict(C);
       std::vector<double> ei(points.size());
       for (size_t i = 0; i < points.size(); ++i) {
         const auto k = static_cast<Eigen::Index>(i);
-        ei[i] = seen(X, points[i]) ? -1.0 : expected_improvement(p.mean(k), p.variance(k), best, xi);
+        ei[i] = seen(X, C.row(k)) ? -1.0 : expected_improvement(p.mean(k), p.variance(k), best, xi);
       }
       return ei;
     };
@@ -291,7 +306,8 @@ class BayesianSearch : public Searcher {
   size_t initial_points() const {
     return options_.initial > 0 ? static_cast<size_t>(options_.initial) : std::max<size_t>(4, 2 * space_.size());
   }
-  /// The Gaussian process of the last suggestion (fitted once the initial design is done).
+  /// The Gaussian process of the last suggestion (fitted once the initial design is done), on
+  /// SearchSpace::features() with one length scale per parameter.
   const GaussianProcess& gp() const noexcept { return gp_; }
   /// The options.
   const BayesOptions& options() const noexcept { return options_; }
@@ -318,13 +334,10 @@ class BayesianSearch : public Searcher {
   static double variance(const Eigen::VectorXd& y) {
     return y.size() > 1 ? (y.array() - y.mean()).square().sum() / static_cast<double>(y.size()) : 0.0;
   }
-  static bool seen(const Eigen::MatrixXd& X, const std::vector<double>& u) {
-    for (Eigen::Index i = 0; i < X.rows(); ++i) {
-      double distance = 0.0;
-      for (size_t j = 0; j < u.size(); ++j)
-        distance = std::max(distance, std::abs(X(i, static_cast<Eigen::Index>(j)) - u[j]));
-      if (distance < 1e-9) return true;
-    }
+  /// Whether the features `f` are (within 1e-9) those of a row of X.
+  static bool seen(const Eigen::MatrixXd& X, const Eigen::RowVectorXd& f) {
+    for (Eigen::Index i = 0; i < X.rows(); ++i)
+      if ((X.row(i) - f).cwiseAbs().maxCoeff() < 1e-9) return true;
     return false;
   }
 

@@ -1,6 +1,7 @@
 #pragma once
 /// @file Search spaces of a hyperparameter sweep: named parameters with uniform, log-uniform, integer and categorical
-/// ranges, each mapped to and from [0, 1] so that the searchers (search.hpp) work in the unit cube.
+/// ranges, each mapped to and from [0, 1] so that the searchers (search.hpp) work in the unit cube, and to the inputs
+/// of a Gaussian process (features(): a categorical parameter becomes one one-hot coordinate per choice).
 ///
 ///     rlhf::sweep::SearchSpace space({
 ///         rlhf::sweep::Param::log_uniform("ppo.base_lr", 1e-4, 1e-2),
@@ -145,12 +146,8 @@ struct Param {
   /// the middle of its interval, (i + 0.5) / n; a one-value range to 0.5. Throws rlhf::Error for a value of the
   /// wrong type, outside the range or not among the choices.
   double to_unit(const nlohmann::json& value) const {
-    if (kind == ParamKind::categorical) {
-      for (size_t i = 0; i < choices.size(); ++i)
-        if (choices[i] == value) return (static_cast<double>(i) + 0.5) / static_cast<double>(choices.size());
-      rlhf::detail::fail("sweep: parameter '{}': {} is not one of the choices {}", name, value.dump(),
-                         nlohmann::json(choices).dump());
-    }
+    if (kind == ParamKind::categorical)
+      return (static_cast<double>(choice_index(value)) + 0.5) / static_cast<double>(choices.size());
     if (!value.is_number()) rlhf::detail::fail("sweep: parameter '{}': expected a number, got {}", name, value.dump());
     const double v = value.get<double>();
     const double tolerance = 1e-9 * std::max(1.0, std::max(std::abs(low), std::abs(high)));
@@ -161,6 +158,34 @@ struct Param {
     const double u =
         logarithmic ? (std::log(v) - std::log(low)) / (std::log(high) - std::log(low)) : (v - low) / (high - low);
     return std::clamp(u, 0.0, 1.0);
+  }
+
+  /// The index of `value` among the choices of a categorical parameter. Throws rlhf::Error when it is not one of
+  /// them.
+  size_t choice_index(const nlohmann::json& value) const {
+    for (size_t i = 0; i < choices.size(); ++i)
+      if (choices[i] == value) return i;
+    rlhf::detail::fail("sweep: parameter '{}': {} is not one of the choices {}", name, value.dump(),
+                       nlohmann::json(choices).dump());
+  }
+
+  /// Number of Gaussian-process features of the parameter (append_features()): n for a categorical parameter with
+  /// n choices, 1 otherwise.
+  size_t feature_size() const noexcept { return kind == ParamKind::categorical ? choices.size() : 1; }
+
+  /// Appends the Gaussian-process features of `value` to `out`: for a categorical parameter the one-hot indicator
+  /// of its choice (1 at the choice's index, 0 at the others), so that every two different choices are equally far
+  /// apart whatever their order; for an integer one the unit coordinate of the integer nearest to it; for the
+  /// others to_unit(value). Throws like to_unit().
+  void append_features(const nlohmann::json& value, std::vector<double>& out) const {
+    if (kind == ParamKind::categorical) {
+      const size_t index = choice_index(value);
+      for (size_t i = 0; i < choices.size(); ++i) out.push_back(i == index ? 1.0 : 0.0);
+    } else if (kind == ParamKind::integer) {
+      out.push_back(to_unit(from_unit(to_unit(value))));
+    } else {
+      out.push_back(to_unit(value));
+    }
   }
 
   /// The values of a grid over the parameter: `n` evenly spaced in unit space, ends included (the middle for
@@ -228,25 +253,52 @@ class SearchSpace {
 
   /// The unit-cube coordinates of `point` (which must hold every parameter and nothing else).
   std::vector<double> to_unit(const Point& point) const {
-    if (!point.is_object()) rlhf::detail::fail("sweep: a point must be a JSON object, got {}", point.dump());
-    if (point.size() != params_.size()) {
-      for (const auto& [key, value] : point.items())
-        if (!contains(key))
-          rlhf::detail::fail("sweep: point {}: '{}' is not a parameter of the space", point.dump(), key);
-    }
+    check_point(point);
     std::vector<double> u;
     u.reserve(params_.size());
-    for (const auto& p : params_) {
-      const auto it = point.find(p.name);
-      if (it == point.end()) rlhf::detail::fail("sweep: point {}: parameter '{}' is missing", point.dump(), p.name);
-      u.push_back(p.to_unit(*it));
-    }
+    for (const auto& p : params_) u.push_back(p.to_unit(value_of(point, p)));
     return u;
   }
 
   /// `u` moved to the unit coordinates of the point it maps to: integer and categorical coordinates snap to their
-  /// values, so a Gaussian process sees where a trial really was.
+  /// values.
   std::vector<double> snap(const std::vector<double>& u) const { return to_unit(from_unit(u)); }
+
+  /// Number of Gaussian-process features (features()): one per numeric parameter, one per choice of each
+  /// categorical parameter; e.g. 4 for a uniform parameter and a categorical one with 3 choices.
+  size_t feature_size() const noexcept {
+    size_t n = 0;
+    for (const auto& p : params_) n += p.feature_size();
+    return n;
+  }
+
+  /// The parameter of each feature, by index: e.g. {0, 1, 1, 1} for a uniform parameter and a categorical one with
+  /// 3 choices. BayesianSearch gives the features of one parameter one shared length scale
+  /// (GPOptions::length_scale_groups).
+  std::vector<int64_t> feature_params() const {
+    std::vector<int64_t> out;
+    out.reserve(feature_size());
+    for (size_t i = 0; i < params_.size(); ++i)
+      out.insert(out.end(), params_[i].feature_size(), static_cast<int64_t>(i));
+    return out;
+  }
+
+  /// The inputs of a Gaussian process at `point` (which must hold every parameter and nothing else), in parameter
+  /// order (Param::append_features()): the unit coordinate of a uniform or log-uniform parameter, the snapped unit
+  /// coordinate of an integer one, the one-hot indicator of a categorical one's choice. E.g. {0.25, 0, 1, 0} for
+  /// {"x": 2.5, "c": "k3"} with x uniform in [0, 10] and c in {"k1", "k3", "abs"}.
+  std::vector<double> features(const Point& point) const {
+    check_point(point);
+    std::vector<double> f;
+    f.reserve(feature_size());
+    for (const auto& p : params_) p.append_features(value_of(point, p), f);
+    return f;
+  }
+
+  /// The features of the point at unit coordinates `u`, features(from_unit(u)): integer and categorical coordinates
+  /// snap to their values first, so features describe valid points only. E.g. {0.25, 0, 0, 1} for u = {0.25, 0.9}
+  /// in the space of features().
+  std::vector<double> unit_features(const std::vector<double>& u) const { return features(from_unit(u)); }
 
   /// The full grid (the Cartesian product of Param::grid(n) per parameter; the first parameter varies slowest).
   std::vector<Point> grid(int64_t points_per_axis) const {
@@ -344,6 +396,21 @@ class SearchSpace {
   }
 
  private:
+  /// Throws rlhf::Error when `point` is not an object or holds a key that is not a parameter.
+  void check_point(const Point& point) const {
+    if (!point.is_object()) rlhf::detail::fail("sweep: a point must be a JSON object, got {}", point.dump());
+    if (point.size() != params_.size()) {
+      for (const auto& [key, value] : point.items())
+        if (!contains(key))
+          rlhf::detail::fail("sweep: point {}: '{}' is not a parameter of the space", point.dump(), key);
+    }
+  }
+  /// The value of `p` in `point`; throws rlhf::Error when it is missing.
+  static const nlohmann::json& value_of(const Point& point, const Param& p) {
+    const auto it = point.find(p.name);
+    if (it == point.end()) rlhf::detail::fail("sweep: point {}: parameter '{}' is missing", point.dump(), p.name);
+    return *it;
+  }
   void check_size(size_t n) const {
     if (n != params_.size())
       rlhf::detail::fail("sweep: expected {} unit coordinates (one per parameter), got {}", params_.size(), n);
