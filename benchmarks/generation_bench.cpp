@@ -28,7 +28,10 @@ int main(int argc, char** argv) {
   app.add_option("--new-tokens", new_tokens)->capture_default_str();
   app.add_option("--batch", batches, "batch sizes")->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
+  bool kernels = true;
+  app.add_flag("!--no-decode-kernels", kernels, "decode with torch's addmm / matmul only (rlhf::set_decode_kernels)");
   CLI11_PARSE(app, argc, argv);
+  rlhf::set_decode_kernels(kernels);
 
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
@@ -59,7 +62,7 @@ int main(int argc, char** argv) {
                          {"bandwidth_floor_ms_per_step", floor_ms}, {"x_floor", ms / floor_ms}});
     }
   }
-  fmt::print("{}\n", nlohmann::json{{"benchmark", "generation"}, {"threads", runtime.threads},
+  fmt::print("{}\n", nlohmann::json{{"benchmark", "generation"}, {"threads", runtime.threads}, {"decode_kernels", kernels},
                                     {"copy_bandwidth_gb_s", bandwidth / 1e9}, {"results", results}}
                          .dump());
 }

@@ -1,4 +1,4 @@
-// One PPO learning step (forward, loss, backward, AdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and
+// One PPO learning step (forward, loss, backward, AdamW as the trainers run it: rlhf::GroupedAdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and
 // the same for a LoRA policy: seconds per step and achieved TFLOP/s of the matmuls.
 //
 //   train_step_bench [--batch 8] [--seq 66] [--gen 50] [--layers 12 --width 768 --heads 12 --vocab 50257]
@@ -27,9 +27,9 @@ double step_seconds(Policy& policy, rlhf::Precision precision, const StepArgs& a
   policy->eval();  // PPOTrainer's default: no dropout in the learning forwards
   const auto vocab = policy->base->config().vocab_size;
   auto ids = torch::randint(0, vocab, {a.batch, a.seq}, torch::kLong);
-  std::vector<torch::Tensor> params = policy->base_parameters();
-  for (auto& p : policy->head_parameters()) params.push_back(p);
-  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(1e-5));
+  rlhf::GroupedAdamW optimizer;  // the trainers' optimiser: the fused CPU AdamW step
+  optimizer.add("base", policy->base_parameters(), 1e-5).add("head", policy->head_parameters(), 1e-5);
+  optimizer.build("train_step_bench");
   auto mask = torch::ones({a.batch, a.gen});
   auto run = [&] {
     torch::Tensor loss;

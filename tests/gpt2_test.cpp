@@ -259,3 +259,75 @@ TEST_CASE("GPT2 save_pretrained / from_pretrained") {
                          rlhf::Error);
   }
 }
+
+TEST_CASE("few-row fp32 decode kernels equal torch's products") {
+  if (!rlhf::detail::avx2_fma()) {
+    // Without AVX2 + FMA the kernels decline every product and torch's operators run.
+    CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({1, 8}), torch::randn({8, 16})).defined());
+    return;
+  }
+  torch::manual_seed(7);
+  c10::InferenceMode inference;
+  // Column counts with and without a tail past the 16-wide (addmm) and 4-row (mm_nt) tiles; k with a tail past 8.
+  for (int64_t k : {8, 13, 96}) {
+    for (int64_t n : {16, 40, 67, 2304}) {
+      auto w = torch::randn({k, n}), bias = torch::randn({n}), e = torch::randn({n, k});
+      for (int64_t m = 1; m <= rlhf::kSmallRowsAddmm; ++m) {
+        CAPTURE(k);
+        CAPTURE(n);
+        CAPTURE(m);
+        auto x = torch::randn({m, k});
+        auto y = rlhf::small_rows_addmm(bias, x, w);
+        REQUIRE(y.defined());
+        CHECK(max_diff(y, torch::addmm(bias, x, w)) < 1e-4);
+        CHECK(max_diff(rlhf::small_rows_addmm({}, x, w), torch::mm(x, w)) < 1e-4);
+      }
+      for (int64_t m : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, int64_t{16}, rlhf::kSmallRowsMmNt}) {
+        CAPTURE(k);
+        CAPTURE(n);
+        CAPTURE(m);
+        auto x = torch::randn({m, k});
+        auto y = rlhf::small_rows_mm_nt(x, e);
+        REQUIRE(y.defined());
+        CHECK(max_diff(y, torch::mm(x, e.t())) < 1e-4);
+      }
+    }
+  }
+  // Products the kernels leave to torch: too many rows, other dtypes, non-contiguous operands.
+  CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({rlhf::kSmallRowsAddmm + 1, 8}), torch::randn({8, 16})).defined());
+  CHECK_FALSE(rlhf::small_rows_mm_nt(torch::randn({rlhf::kSmallRowsMmNt + 1, 8}), torch::randn({16, 8})).defined());
+  CHECK_FALSE(rlhf::small_rows_mm_nt(torch::randn({2, 8}, torch::kDouble), torch::randn({16, 8}, torch::kDouble))
+                  .defined());
+  CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({1, 8}), torch::randn({16, 8}).t()).defined());
+}
+
+TEST_CASE("few-row decode kernels stay out of autograd and follow the switch") {
+  if (!rlhf::detail::avx2_fma()) return;
+  auto w = torch::randn({8, 16}, torch::requires_grad());
+  auto x = torch::randn({1, 8});
+  CHECK_FALSE(rlhf::small_rows_addmm({}, x, w).defined());  // the graph is needed: torch's addmm
+  {
+    torch::NoGradGuard no_grad;
+    CHECK(rlhf::small_rows_addmm({}, x, w).defined());
+    rlhf::set_decode_kernels(false);
+    CHECK_FALSE(rlhf::decode_kernels_enabled());
+    CHECK_FALSE(rlhf::small_rows_addmm({}, x, w).defined());
+    rlhf::set_decode_kernels(true);
+  }
+  // Decoding through the model gives the same logits with the kernels on and off.
+  auto model = tiny_model(5);
+  auto ids = torch::randint(0, 37, {2, 6}, torch::kLong);
+  auto decode = [&] {
+    c10::InferenceMode inference;
+    auto cache = model->new_cache(2, 6);
+    std::vector<torch::Tensor> parts = {model->logits(model->forward(ids.narrow(1, 0, 3), {}, &cache))};
+    for (int64_t i = 3; i < 6; ++i) parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), {}, &cache)));
+    return torch::cat(parts, 1).clone();
+  };
+  auto with = decode();
+  rlhf::set_decode_kernels(false);
+  auto without = decode();
+  rlhf::set_decode_kernels(true);
+  CHECK(max_diff(with, without) < 1e-5);
+  CHECK(max_diff(with, model->logits(model->forward(ids)).detach()) < 1e-5);
+}

@@ -5,6 +5,7 @@
 #include <rlhf/detail/error.hpp>
 #include <rlhf/runtime.hpp>
 #include <rlhf/core/precision.hpp>
+#include <rlhf/core/small_matmul.hpp>
 #include <rlhf/log/printable.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>

@@ -5,6 +5,8 @@
 
 #include <torch/torch.h>
 
+#include <rlhf/core/small_matmul.hpp>
+
 namespace rlhf {
 
 /// An observer of a linear layer's forward passes, for training-process transparency (rlhf/interp/capture.hpp
@@ -41,7 +43,9 @@ class Conv1DImpl : public torch::nn::Module {
     auto flat = x.reshape({-1, in_features_});  // [N, in]
     auto shape = x.sizes().vec();
     shape.back() = out_features_;
-    auto y = torch::addmm(bias, flat, weight).view(shape);
+    auto y = small_rows_addmm(bias, flat, weight);  // decoding steps: one pass over W (rlhf/core/small_matmul.hpp)
+    if (!y.defined()) y = torch::addmm(bias, flat, weight);
+    y = y.view(shape);
     if (capture) capture->on_forward(x, y);
     return y;
   }

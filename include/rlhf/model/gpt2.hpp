@@ -14,6 +14,7 @@
 
 #include <rlhf/adapters/adapter.hpp>
 #include <rlhf/adapters/no_adapter.hpp>
+#include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>
@@ -262,6 +263,11 @@ class GPT2Impl : public torch::nn::Module {
   /// Pass only the positions you need (e.g. the last one when sampling): the full [B, T, V] is large.
   torch::Tensor logits(const torch::Tensor& hidden) {
     const auto& wte = transformer->wte->weight;  // [V, D]
+    if (hidden.numel() <= kSmallRowsMmNt * hidden.size(-1)) {  // decoding: one pass over wte (core/small_matmul.hpp)
+      auto shape = hidden.sizes().vec();
+      shape.back() = wte.size(0);
+      if (auto y = small_rows_mm_nt(hidden.reshape({-1, hidden.size(-1)}), wte); y.defined()) return y.view(shape);
+    }
     return torch::matmul(hidden.to(wte.scalar_type()), wte.t()).to(torch::kFloat);
   }
 
