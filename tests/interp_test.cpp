@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
@@ -580,6 +581,82 @@ TEST_CASE("GPT2 sinusoidal positions and uniform initialisation (the transparenc
     auto ids = random_ids(2, 12, 50, 6);
     trainer.step(ids, torch::ones_like(ids), targets_after_first(ids));
     CHECK(rel_error(wpe, rlhf::sinusoidal_position_table(12, 8)) == 0);
+  }
+}
+
+TEST_CASE("GPT2 embedding_scale multiplies the token embeddings, not the tied output projection") {
+  rlhf::GPT2Config c{.vocab_size = 50,
+                     .n_positions = 12,
+                     .n_embd = 8,
+                     .n_layer = 2,
+                     .n_head = 2,
+                     .activation_function = "relu",
+                     .embd_pdrop = 0,
+                     .attn_pdrop = 0,
+                     .resid_pdrop = 0,
+                     .sinusoidal_positions = true,
+                     .embedding_scale = 2.5};
+  torch::manual_seed(3);
+  rlhf::GPT2<> model(c);
+  rlhf::init_uniform(*model, 0.1);
+  model->eval();
+  auto ids = random_ids(2, 12, 50, 5);
+  torch::NoGradGuard no_grad;
+  auto hidden = model->forward(ids);  // [2, 12, 8]
+  auto logits = model->logits(hidden);
+
+  // By hand: the same model without the scale and with wte x 2.5 has the same residual stream, and the logits are
+  // the final layernorm's output times the unscaled wte^T.
+  auto plain_config = c;
+  plain_config.embedding_scale = 1.0;
+  rlhf::GPT2<> plain(plain_config);
+  plain->eval();
+  for (auto& item : plain->named_parameters()) item.value().copy_(model->named_parameters()[item.key()]);
+  plain->transformer->wte->weight.mul_(2.5);
+  CHECK(rel_error(hidden, plain->forward(ids)) < 1e-6);
+  const auto& wte = model->transformer->wte->weight;  // [V, D], unscaled
+  CHECK(rel_error(logits, torch::matmul(hidden, wte.t())) < 1e-6);
+  plain->transformer->wte->weight.div_(2.5);
+  CHECK(rel_error(hidden, plain->forward(ids)) > 1e-2);  // the scale matters
+
+  SUBCASE("KV-cache decoding applies it") {
+    auto cache = model->new_cache(2, 12);
+    std::vector<torch::Tensor> parts = {model->forward(ids.narrow(1, 0, 5), {}, &cache)};
+    for (int64_t i = 5; i < 12; ++i) parts.push_back(model->forward(ids.narrow(1, i, 1), {}, &cache));
+    CHECK(rel_error(torch::cat(parts, 1), hidden) < 1e-5);
+  }
+  SUBCASE("config.json carries the key only when it is not 1, and validation") {
+    CHECK(c.to_json().at("embedding_scale") == 2.5);
+    CHECK(rlhf::GPT2Config::from_json(c.to_json()) == c);
+    CHECK(!rlhf::GPT2Config{}.to_json().contains("embedding_scale"));
+    CHECK(!plain_config.to_json().contains("embedding_scale"));
+    CHECK(rlhf::GPT2Config::from_json(plain_config.to_json()).embedding_scale == 1.0);
+    for (double bad : {0.0, -1.0, std::numeric_limits<double>::infinity(), std::nan("")}) {
+      auto b = c;
+      b.embedding_scale = bad;
+      CAPTURE(bad);
+      CHECK_THROWS_WITH_AS(
+          b.validate("c.json"),
+          fmt::format("config: c.json: 'embedding_scale' must be a positive finite number, got {}", bad).c_str(),
+          rlhf::Error);
+    }
+    auto j = c.to_json();
+    j["embedding_scale"] = 0;
+    CHECK_THROWS_WITH_AS(rlhf::GPT2Config::from_json(j),
+                         "config: config.json: 'embedding_scale' must be a positive finite number, got 0", rlhf::Error);
+    j["embedding_scale"] = "2.5";
+    CHECK_THROWS_WITH_AS(rlhf::GPT2Config::from_json(j),
+                         "config: config.json: 'embedding_scale' must be a number, got \"2.5\"", rlhf::Error);
+  }
+  SUBCASE("a saved folder loads back with the same outputs") {
+    rlhf::test::TempDir dir;
+    model.save_pretrained(dir / "m");
+    auto loaded = rlhf::GPT2<>::from_pretrained(dir / "m");
+    CHECK(loaded->config().embedding_scale == 2.5);
+    CHECK(loaded->config() == c);
+    loaded->eval();
+    CHECK(rel_error(loaded->forward(ids), hidden) == 0);
+    CHECK(rel_error(loaded->logits(loaded->forward(ids)), logits) == 0);
   }
 }
 

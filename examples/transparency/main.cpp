@@ -3,12 +3,13 @@
 // SGD while an rlhf::ShiftRecorder writes every step's largest per-datum parameter shifts to SQLite, then attributes
 // training tokens to MLP neurons and checks the attribution by zero-weight ablation.
 //
-//   rlhf_transparency                                  # data/reviews.txt, a few minutes on 2 cores
+//   rlhf_transparency                                  # data/reviews.txt, about a minute on 2 idle cores
 //   rlhf_transparency --wikitext ~/data/wikitext-2-raw --epochs 5 --max-steps 0
 //
 // Model and training as in the post: 3 layers, 4 heads, width 200, MLP 200, context 35, batch 20, dropout 0.2,
-// sinusoidal positions, uniform initialisation in [-0.1, 0.1], cross-entropy, SGD at lr 5.0 with a step schedule
-// and gradient clipping at 0.5, a word-level lowercase tokenizer (torchtext's basic_english).
+// sinusoidal positions, token embeddings x sqrt(width) (the tutorial model's `encoder(src) * sqrt(d_model)`),
+// uniform initialisation in [-0.1, 0.1], cross-entropy, SGD at lr 5.0 with a step schedule and gradient clipping at
+// 0.5, a word-level lowercase tokenizer (torchtext's basic_english).
 
 #include <algorithm>
 #include <chrono>
@@ -18,6 +19,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -153,6 +155,7 @@ torch::Tensor window(const torch::Tensor& columns, int64_t i, int64_t t) {
 struct Args {
   std::string corpus = "data/reviews.txt", wikitext, out = "transparency-out";
   int64_t epochs = 2, max_steps = 400, batch = 20, context = 35, layers = 3, heads = 4, width = 200, hidden = 200;
+  std::optional<double> embedding_scale;  // unset: sqrt(width)
   double dropout = 0.2, lr = 5.0, lr_gamma = 0.95, plateau_div = 4.0, clip = 0.5, init = 0.1;
   double top_fraction = 0.0013;
   std::string units = "all";
@@ -181,6 +184,14 @@ double evaluate(rlhf::GPT2<>& model, const torch::Tensor& columns, int64_t t) {
   return n > 0 ? sum / static_cast<double>(n) : 0.0;
 }
 
+/// Cross-entropy (nats per token) of `valid` under the word frequencies of `train`, add-one smoothed: the best a
+/// model that ignores the context can do, so the validation loss must go below it before the model uses the context.
+double unigram_cross_entropy(const torch::Tensor& train, const torch::Tensor& valid, int64_t vocab) {
+  auto counts = torch::bincount(train, {}, vocab).to(torch::kDouble) + 1.0;  // [V]
+  auto log_p = (counts / counts.sum()).log();
+  return -log_p.index_select(0, valid).mean().item<double>();
+}
+
 /// Trains `model` with SGD, calling `recorder` around each step as a trainer calls its step callbacks.
 void train(rlhf::GPT2<>& model, const Corpus& corpus, const Args& a, rlhf::ShiftRecorder& recorder) {
   std::vector<torch::Tensor> params;
@@ -192,6 +203,12 @@ void train(rlhf::GPT2<>& model, const Corpus& corpus, const Args& a, rlhf::Shift
   const int64_t per_epoch = (train_columns.size(1) - 1) / a.context;
   fmt::print("training: {} steps per epoch of {} x {} tokens, {} epochs{}\n", per_epoch, a.batch, a.context, a.epochs,
              a.max_steps > 0 ? fmt::format(", at most {} steps", a.max_steps) : "");
+  const double unigram =
+      unigram_cross_entropy(corpus.train, corpus.valid, static_cast<int64_t>(corpus.vocab.words.size()));
+  fmt::print(
+      "validation baseline: unigram cross-entropy {:.3f} (perplexity {:.1f}), the training set's word "
+      "frequencies without context\n",
+      unigram, std::exp(unigram));
   double lr = a.lr, best = std::numeric_limits<double>::infinity();
   int64_t step = 0;
   const auto start = std::chrono::steady_clock::now();
@@ -223,8 +240,10 @@ void train(rlhf::GPT2<>& model, const Corpus& corpus, const Args& a, rlhf::Shift
                    loss_sum / static_cast<double>(losses), lr, seconds_since(start));
     }
     const double valid = evaluate(model, valid_columns, a.context);
-    fmt::print("epoch {}: train loss {:.3f}, valid loss {:.3f} (perplexity {:.1f}), lr {:.3f}\n", epoch,
-               loss_sum / static_cast<double>(std::max<int64_t>(losses, 1)), valid, std::exp(valid), lr);
+    fmt::print(
+        "epoch {}: train loss {:.3f}, valid loss {:.3f} (perplexity {:.1f}; unigram baseline {:.3f}), lr "
+        "{:.3f}\n",
+        epoch, loss_sum / static_cast<double>(std::max<int64_t>(losses, 1)), valid, std::exp(valid), unigram, lr);
     // The step schedule: x gamma every epoch (StepLR), and / plateau_div when validation stops improving.
     if (valid >= best && a.plateau_div > 1) lr /= a.plateau_div;
     best = std::min(best, valid);
@@ -367,6 +386,8 @@ int main(int argc, char** argv) {
   app.add_option("--heads", a.heads)->capture_default_str();
   app.add_option("--width", a.width)->capture_default_str();
   app.add_option("--hidden", a.hidden, "MLP width")->capture_default_str();
+  app.add_option("--embedding-scale", a.embedding_scale,
+                 "factor on the token embeddings (default sqrt(--width), as the post's model; 1 = none)");
   app.add_option("--dropout", a.dropout)->capture_default_str();
   app.add_option("--lr", a.lr)->capture_default_str();
   app.add_option("--lr-gamma", a.lr_gamma, "learning rate x this after every epoch")->capture_default_str();
@@ -407,13 +428,16 @@ int main(int argc, char** argv) {
                             .n_embd = a.width, .n_layer = a.layers, .n_head = a.heads, .n_inner = a.hidden,
                             .activation_function = "relu", .embd_pdrop = a.dropout, .attn_pdrop = a.dropout,
                             .resid_pdrop = a.dropout, .bos_token_id = 0, .eos_token_id = 0,
-                            .sinusoidal_positions = true};
+                            .sinusoidal_positions = true,
+                            .embedding_scale = a.embedding_scale.value_or(std::sqrt(static_cast<double>(a.width)))};
     rlhf::GPT2<> model(config);
     rlhf::init_uniform(*model, a.init);
     int64_t n_params = 0;
     for (const auto& p : model->parameters()) n_params += p.requires_grad() ? p.numel() : 0;
-    fmt::print("model: {} layers, {} heads, width {}, MLP {}, context {}, {} trainable parameters\n", a.layers,
-               a.heads, a.width, a.hidden, a.context, n_params);
+    fmt::print(
+        "model: {} layers, {} heads, width {}, MLP {}, context {}, embedding scale {:.3f}, {} trainable "
+        "parameters\n",
+        a.layers, a.heads, a.width, a.hidden, a.context, config.embedding_scale, n_params);
 
     fs::create_directories(a.out);
     const auto db_path = fs::path(a.out) / "shifts.db";

@@ -251,7 +251,10 @@ class GPT2Impl : public torch::nn::Module {
                         : torch::ones({b, past + t}, torch::TensorOptions().dtype(torch::kLong).device(
                                                          input_ids.device()));
     auto bias = attention_bias(key_mask, past, t, torch::kFloat);  // [B, 1, T, S]
-    auto x = transformer->wte(input_ids) + transformer->wpe(position_ids);  // [B, T, D]
+    // [B, T, D]: token embeddings (x embedding_scale; the tied output projection stays unscaled) + positions
+    auto x = transformer->wte(input_ids);
+    if (config_.embedding_scale != 1.0) x = x * config_.embedding_scale;
+    x = x + transformer->wpe(position_ids);
     if (is_training() && config_.embd_pdrop > 0) x = torch::dropout(x, config_.embd_pdrop, true);
     for (size_t i = 0; i < transformer->blocks.size(); ++i)
       x = transformer->blocks[i]->forward(x, bias, cache, static_cast<int64_t>(i));

@@ -1,6 +1,7 @@
 #pragma once
 /// @file GPT-2 hyperparameters, read from and written to Hugging Face's config.json.
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -37,6 +38,11 @@ struct GPT2Config {
   /// table sin(p / 10000^(2i/D)), cos(...) and does not train, so a saved folder is still an ordinary GPT-2
   /// checkpoint that computes the same function. Written to config.json as "sinusoidal_positions" only when on.
   bool sinusoidal_positions = false;
+  /// Factor on the token embeddings before the positions are added (PyTorch's transformer tutorial uses
+  /// sqrt(n_embd), e.g. 14.1 for width 200); the tied output projection stays unscaled. Must be positive and finite.
+  /// Written to config.json as "embedding_scale" only when it is not 1. Hugging Face's GPT2LMHeadModel does not know
+  /// the key (it keeps it as an attribute and computes without the factor), so such a folder is this library's only.
+  double embedding_scale = 1.0;
 
   /// Width of one attention head (n_embd / n_head), e.g. 64.
   int64_t d_head() const { return n_embd / n_head; }
@@ -135,6 +141,8 @@ inline void GPT2Config::validate(std::string_view source) const {
   if (sinusoidal_positions && n_embd % 2 != 0)
     detail::fail("config: {}: 'sinusoidal_positions' needs an even 'n_embd' (sin and cos pairs), got {}", source,
                  n_embd);
+  if (!(std::isfinite(embedding_scale) && embedding_scale > 0))
+    detail::fail("config: {}: 'embedding_scale' must be a positive finite number, got {}", source, embedding_scale);
 }
 
 inline GPT2Config GPT2Config::from_json(const nlohmann::json& json, std::string_view source) {
@@ -168,6 +176,7 @@ inline GPT2Config GPT2Config::from_json(const nlohmann::json& json, std::string_
     else if (key == "bos_token_id") c.bos_token_id = config_int(value, key, source, 0);
     else if (key == "eos_token_id") c.eos_token_id = config_int(value, key, source, 0);
     else if (key == "sinusoidal_positions") c.sinusoidal_positions = config_bool(value, key, source);
+    else if (key == "embedding_scale") c.embedding_scale = config_number(value, key, source);
     else if (key == "model_type") {
       if (value != "gpt2")
         detail::fail("config: {}: 'model_type' is {}, expected \"gpt2\"", source, value.dump());
@@ -228,6 +237,7 @@ inline nlohmann::json GPT2Config::to_json() const {
                       {"tie_word_embeddings", true}};
   if (n_inner) j["n_inner"] = *n_inner;
   if (sinusoidal_positions) j["sinusoidal_positions"] = true;
+  if (embedding_scale != 1.0) j["embedding_scale"] = embedding_scale;
   return j;
 }
 
