@@ -10,10 +10,17 @@
 //   variants [--model DIR] [--phases 60] [--seeds 3] [--last 10] [--only NAME ...] [--base-lr 2e-3]
 //            [--lora-lr 0 (= base-lr)] [--threads N] [--json PATH]
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -152,16 +159,14 @@ json run_child(const Args& a, const std::string& variant, uint64_t seed) {
   if (!a.model_dir.empty()) cmd += fmt::format(" --model '{}'", a.model_dir);
   std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
   if (!pipe) throw std::runtime_error("variants: could not start " + cmd);
-  std::string out, line;
+  std::string out;
   char buffer[4096];
   while (fgets(buffer, sizeof buffer, pipe.get())) out += buffer;
-  for (size_t end = out.size(); end > 0;) {
-    const size_t begin = out.rfind('\n', end - 1);
-    line = out.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1));
-    if (!line.empty() && line.front() == '{') return json::parse(line);
-    if (begin == std::string::npos) break;
-    end = begin;
-  }
+  std::istringstream lines(out);
+  std::string result;  // the last JSON line
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty() && line.front() == '{') result = line;
+  if (!result.empty()) return json::parse(result);
   throw std::runtime_error(fmt::format("variants: {} (seed {}) printed no result:\n{}", variant, seed, out));
 }
 
