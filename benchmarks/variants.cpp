@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <sstream>
@@ -158,7 +159,7 @@ json run_child(const Args& a, const std::string& variant, uint64_t seed) {
   if (a.threads > 0) cmd += fmt::format(" --threads {}", a.threads);
   if (!a.model_dir.empty()) cmd += fmt::format(" --model '{}'", a.model_dir);
   std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
-  if (!pipe) throw std::runtime_error("variants: could not start " + cmd);
+  if (!pipe) throw std::runtime_error("could not start " + cmd);
   std::string out;
   char buffer[4096];
   while (fgets(buffer, sizeof buffer, pipe.get())) out += buffer;
@@ -167,7 +168,7 @@ json run_child(const Args& a, const std::string& variant, uint64_t seed) {
   for (std::string line; std::getline(lines, line);)
     if (!line.empty() && line.front() == '{') result = line;
   if (!result.empty()) return json::parse(result);
-  throw std::runtime_error(fmt::format("variants: {} (seed {}) printed no result:\n{}", variant, seed, out));
+  throw std::runtime_error(fmt::format("{} (seed {}) printed no result:\n{}", variant, seed, out));
 }
 
 struct Summary {
@@ -193,8 +194,19 @@ int main(int argc, char** argv) {
   app.add_option("--seeds", a.seeds, "runs per variant (seeds 1..N)")->capture_default_str();
   app.add_option("--last", a.last, "reward and KL are the means over the last so many phases")->capture_default_str();
   app.add_option("--only", a.only, "variants to run (baseline, adaptive-kl, frozen, lora, bf16)");
-  app.add_option("--base-lr", a.base_lr, "learning rate of the trained base-model weights")->capture_default_str();
-  app.add_option("--lora-lr", a.lora_lr, "learning rate of the LoRA adapters; 0 = --base-lr")->capture_default_str();
+  app.add_option("--base-lr", a.base_lr, "learning rate of the trained base-model weights")
+      ->check(CLI::Validator(
+          [](std::string& text) {
+            char* end = nullptr;
+            const double lr = std::strtod(text.c_str(), &end);
+            const bool ok = end != text.c_str() && *end == '\0' && lr > 0 && lr <= 1;
+            return ok ? std::string() : "expected a learning rate in (0, 1], got " + text;
+          },
+          "LR"))
+      ->capture_default_str();
+  app.add_option("--lora-lr", a.lora_lr, "learning rate of the LoRA adapters; 0 = --base-lr")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   app.add_option("--threads", a.threads, "0 = all cores");
   app.add_option("--json", a.json_path, "also write every run and the summary to this file");
   app.add_option("--child", a.child, "(internal) run one variant in this process and print its JSON line");
@@ -211,7 +223,7 @@ int main(int argc, char** argv) {
     const auto all = variants(n_layer);
     if (!a.child.empty()) {
       auto v = std::find_if(all.begin(), all.end(), [&](const Variant& x) { return x.name == a.child; });
-      if (v == all.end()) throw std::runtime_error("variants: no variant named " + a.child);
+      if (v == all.end()) throw std::runtime_error("no variant named " + a.child);
       const json result = v->lora ? run_variant<LoRABase>(a, *v) : run_variant<rlhf::GPT2<>>(a, *v);
       fmt::print("{}\n", result.dump(-1, ' ', false, json::error_handler_t::replace));
       return 0;
@@ -223,7 +235,7 @@ int main(int argc, char** argv) {
       if (a.only.empty() || std::find(a.only.begin(), a.only.end(), v.name) != a.only.end()) chosen.push_back(v);
     for (const auto& name : a.only)
       if (std::none_of(all.begin(), all.end(), [&](const Variant& v) { return v.name == name; }))
-        throw std::runtime_error("variants: --only: no variant named " + name);
+        throw std::runtime_error("--only: no variant named " + name);
 
     fmt::print("task: reward = number of '.' in 16 new tokens after \"This is\"; {} phases of 32 samples, {} seed(s) "
                "per variant; reward and KL are means over the last {} phases\n\n",
