@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
   app.add_option("--steps", args.steps, "timed steps per mode and round")->capture_default_str();
   app.add_option("--rounds", args.rounds, "rounds of all modes, interleaved against load drift")->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
-  app.add_option("--keep-db", keep_db, "keep the SQLite store of the all-layers run at this path");
+  app.add_option("--keep-db", keep_db, "keep the SQLite store of the all-linear-layers run at this path");
   CLI11_PARSE(app, argc, argv);
   config.n_inner = hidden;
   config.n_positions = args.seq;
@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(dir);
   struct Mode {
     std::string name;
-    rlhf::Targets units = rlhf::Targets::MLP;
+    rlhf::ShiftRecorderOptions options;
     bool record = false, per_datum = false;
     std::shared_ptr<rlhf::ShiftStore> store;
     std::vector<double> seconds;
@@ -142,15 +142,20 @@ int main(int argc, char** argv) {
     double recorder_seconds = 0;
     int64_t base_bytes = 0;  // the empty store's file
   };
-  std::vector<Mode> modes = {{.name = "plain"},
-                             {.name = "recorded (MLP)", .units = rlhf::Targets::MLP, .record = true},
-                             {.name = "recorded (all linear)", .units = rlhf::Targets::All, .record = true},
-                             {.name = "per-datum backward", .per_datum = true}};
-  for (auto& m : modes) {
+  std::vector<Mode> modes = {
+      {.name = "plain"},
+      {.name = "recorded (MLP)", .options = {.units = rlhf::Targets::MLP}, .record = true},
+      {.name = "recorded (all linear)", .options = {.units = rlhf::Targets::All}, .record = true},
+      {.name = "recorded (all tensors)",
+       .options = {.units = rlhf::Targets::All, .biases = true, .layernorms = true, .embeddings = true},
+       .record = true},
+      {.name = "per-datum backward", .per_datum = true}};
+  for (size_t i = 0; i < modes.size(); ++i) {
+    auto& m = modes[i];
     if (!m.record) continue;
-    m.store = std::make_shared<rlhf::ShiftStore>(dir / (m.units == rlhf::Targets::MLP ? "mlp.db" : "all.db"));
+    m.store = std::make_shared<rlhf::ShiftStore>(dir / fmt::format("mode{}.db", i));
     // The schema and the units table are written once per store, not per step: measure from here.
-    rlhf::ShiftRecorder register_units(*model, {.units = m.units}, m.store);
+    rlhf::ShiftRecorder register_units(*model, m.options, m.store);
     m.store->checkpoint();
     m.base_bytes = m.store->stats().bytes;
   }
@@ -166,8 +171,7 @@ int main(int argc, char** argv) {
       // its own for its steps and detaches it after.
       std::shared_ptr<rlhf::ShiftRecorder> recorder;
       if (m.record) {
-        recorder = std::make_shared<rlhf::ShiftRecorder>(*model, rlhf::ShiftRecorderOptions{.units = m.units},
-                                                         m.store);
+        recorder = std::make_shared<rlhf::ShiftRecorder>(*model, m.options, m.store);
         m.recorded_elements = recorder->stats().recorded_elements;
       }
       for (int64_t s = -1; s < args.steps; ++s) {  // s = -1: warm-up
@@ -233,7 +237,7 @@ int main(int argc, char** argv) {
              "every step)\n");
   for (auto& m : modes) m.store.reset();
   if (!keep_db.empty())
-    std::filesystem::copy_file(dir / "all.db", keep_db, std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::copy_file(dir / "mode2.db", keep_db, std::filesystem::copy_options::overwrite_existing);
   std::filesystem::remove_all(dir);
   fmt::print("{}\n", nlohmann::json{{"benchmark", "shift_recorder"},
                                     {"threads", runtime.threads},

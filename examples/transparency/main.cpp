@@ -159,6 +159,8 @@ struct Args {
   double dropout = 0.2, lr = 5.0, lr_gamma = 0.95, plateau_div = 4.0, clip = 0.5, init = 0.1;
   double top_fraction = 0.0013;
   std::string units = "all";
+  bool record_layernorms = false;
+  bool record_embeddings = false;
   int64_t neurons = 3, contexts = 300, random_neurons = 10, flip_rows = 8, seed = 1;
   rlhf::TokenSelectionOptions heuristic;
   int threads = 0;
@@ -397,6 +399,9 @@ int main(int argc, char** argv) {
   app.add_option("--init", a.init, "uniform initialisation bound")->capture_default_str();
   app.add_option("--units", a.units, "recorded layers: all (every linear layer, as the post) or mlp")
       ->check(CLI::IsMember({"all", "mlp"}))->capture_default_str();
+  app.add_flag("--record-layernorms", a.record_layernorms, "also record the layernorms' gains and biases");
+  app.add_flag("--record-embeddings", a.record_embeddings,
+               "also record the token embedding (lookups and the tied output projection)");
   app.add_option("--top-fraction", a.top_fraction, "shifts kept per step, as a fraction of the recorded elements")
       ->capture_default_str();
   app.add_option("--neurons", a.neurons, "neurons reported")->capture_default_str();
@@ -448,15 +453,18 @@ int main(int argc, char** argv) {
       auto store = std::make_shared<rlhf::ShiftStore>(db_path);
       rlhf::ShiftRecorder recorder(
           *model,
-          {.units = a.units == "mlp" ? rlhf::Targets::MLP : rlhf::Targets::All, .top_fraction = a.top_fraction},
+          {.units = a.units == "mlp" ? rlhf::Targets::MLP : rlhf::Targets::All,
+           .layernorms = a.record_layernorms,
+           .embeddings = a.record_embeddings,
+           .top_fraction = a.top_fraction},
           store);
       store->write_vocab(corpus.vocab.words);
       store->set_meta("corpus", corpus.name);
       store->set_meta("model", config.to_json().dump());
       store->set_meta("optimizer", fmt::format("SGD lr {} gamma {} plateau /{} clip {}", a.lr, a.lr_gamma,
                                                a.plateau_div, a.clip));
-      fmt::print("recording: {} elements of {} layers, top {:.2f}% per step -> {}\n",
-                 recorder.stats().recorded_elements, recorder.units().size(), 100 * a.top_fraction,
+      fmt::print("recording: {} elements of {} tensors, top {:.2f}% per step -> {}\n",
+                 recorder.stats().recorded_elements, recorder.tensor_names().size(), 100 * a.top_fraction,
                  db_path.string());
       train(model, corpus, a, recorder);
       store->create_indexes();

@@ -22,6 +22,7 @@
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>
+#include <rlhf/model/capture_point.hpp>
 
 namespace rlhf {
 
@@ -121,6 +122,12 @@ class LoRAConv1DImpl : public torch::nn::Module {
                                                               : flat;
       auto down = torch::mm(input, lora_A.t());                 // [N, rank]
       y = torch::addmm(y, down, lora_B.t(), /*beta=*/1, /*alpha=*/sign * s);  // [N, out]
+      if (capture && sign == 1.0 && !merged_) {  // the adapter's own path: per-datum gradients of A and B
+        auto in_shape = x.sizes().vec();
+        y = y.view(shape);
+        capture->on_forward(input.view(in_shape), y);
+        return y;
+      }
     }
     return y.view(shape);
   }
@@ -176,6 +183,9 @@ class LoRAConv1DImpl : public torch::nn::Module {
   torch::Tensor bias;    ///< [out], frozen
   torch::Tensor lora_A;  ///< [rank, in], undefined without an adapter
   torch::Tensor lora_B;  ///< [out, rank], undefined without an adapter
+  /// Observer of the adapter's forwards (not owned; null = none): called with the adapter's input (after its
+  /// dropout) and the layer's output while the adapter is on and not merged. Set and cleared by rlhf::ShiftRecorder.
+  ForwardCapture* capture = nullptr;
 
  private:
   torch::Tensor delta(double s) const { return torch::mm(lora_B, lora_A).t().mul(s).to(weight.scalar_type()); }

@@ -9,6 +9,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <rlhf/adapters/adapter.hpp>
@@ -26,27 +27,38 @@ struct NeuronId {
   auto operator<=>(const NeuronId&) const = default;
 };
 
-/// The MLP neuron that owns element `idx` (row-major flat index) of a recorded tensor, or nothing for an element
-/// that belongs to no neuron. A neuron n of a GPT-2 MLP owns column n of the input projection c_fc (weight
-/// [D, d_mlp]: elements i * d_mlp + n) and its bias element n, and row n of the output projection c_proj (weight
-/// [d_mlp, D]: elements n * D + o). In torch.nn.Linear's [out, in] layout these are row n of linear1 and column n of
-/// linear2. `cols` is the tensor's last dimension (d_mlp for c_fc, D for c_proj). Attention projections and the
+/// The MLP neuron that owns element `idx` (row-major flat index) of a recorded tensor of kind `kind` ("weight",
+/// "bias", "lora_A" or "lora_B"), or nothing for an element that belongs to no neuron. A neuron n of a GPT-2 MLP owns
+/// column n of the input projection c_fc (weight [D, d_mlp]: elements i * d_mlp + n) and its bias element n, and
+/// row n of the output projection c_proj (weight [d_mlp, D]: elements n * D + o). In torch.nn.Linear's [out, in]
+/// layout these are row n of linear1 and column n of linear2. Of LoRA adapters it owns row n of c_fc's lora_B
+/// ([d_mlp, r]) and column n of c_proj's lora_A ([r, d_mlp]); the other factors act on the residual stream. `cols`
+/// is the tensor's last dimension (d_mlp for c_fc, D for c_proj, r for lora_B). Attention projections and the
 /// output projection's bias (a residual-stream vector) belong to no neuron.
-inline std::optional<int64_t> neuron_of(LinearRole role, bool is_bias, int64_t cols, int64_t idx) {
-  if (role == LinearRole::mlp_in) return is_bias ? idx : idx % cols;
-  if (role == LinearRole::mlp_out && !is_bias) return idx / cols;
+inline std::optional<int64_t> neuron_of(LinearRole role, std::string_view kind, int64_t cols, int64_t idx) {
+  if (role == LinearRole::mlp_in) {
+    if (kind == "weight") return idx % cols;
+    if (kind == "bias") return idx;
+    if (kind == "lora_B") return idx / cols;
+  }
+  if (role == LinearRole::mlp_out) {
+    if (kind == "weight") return idx / cols;
+    if (kind == "lora_A") return idx % cols;
+  }
   return std::nullopt;
 }
 
-/// The attention head that owns element `idx` of a recorded attention weight (GPT-2 layout), or nothing: in c_attn
-/// ([D, 3D], columns q | k | v) column o belongs to head (o mod D) / d_head; in c_proj ([D, D]) row i belongs to
-/// head i / d_head. `cols` is the tensor's last dimension, `n_head` the heads per layer.
-inline std::optional<int64_t> head_of(LinearRole role, bool is_bias, int64_t cols, int64_t idx, int64_t n_head) {
-  if (role == LinearRole::attn_qkv) {
+/// The attention head that owns element `idx` of a recorded attention tensor of kind `kind` (GPT-2 layout), or
+/// nothing: in c_attn ([D, 3D], columns q | k | v; its bias [3D] likewise) column o belongs to head (o mod D) /
+/// d_head; in c_proj ([D, D]) row i belongs to head i / d_head. `cols` is the tensor's last dimension, `n_head` the
+/// heads per layer. LoRA factors (a low-rank basis shared by the heads) and c_proj's bias belong to no head.
+inline std::optional<int64_t> head_of(LinearRole role, std::string_view kind, int64_t cols, int64_t idx,
+                                      int64_t n_head) {
+  if (role == LinearRole::attn_qkv && (kind == "weight" || kind == "bias")) {
     const int64_t d = cols / 3;
     return (idx % cols % d) / (d / n_head);
   }
-  if (role == LinearRole::attn_out && !is_bias) return (idx / cols) / (cols / n_head);
+  if (role == LinearRole::attn_out && kind == "weight") return (idx / cols) / (cols / n_head);
   return std::nullopt;
 }
 

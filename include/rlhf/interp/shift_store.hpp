@@ -171,12 +171,16 @@ CREATE TABLE IF NOT EXISTS shifts(
   epoch INTEGER NOT NULL, step INTEGER NOT NULL, datum INTEGER NOT NULL, unit INTEGER NOT NULL,
   idx INTEGER NOT NULL, diff REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS vocab(token INTEGER PRIMARY KEY, text TEXT NOT NULL);
-CREATE VIEW IF NOT EXISTS neuron_shifts AS
+DROP VIEW IF EXISTS neuron_shifts;
+CREATE VIEW neuron_shifts AS
   SELECT s.epoch, s.step, s.datum, s.unit, u.name AS unit_name, u.layer, u.role, u.kind, s.idx, s.diff,
-         CASE WHEN u.role = 'mlp_in' THEN s.idx % u.cols
-              WHEN u.role = 'mlp_out' AND u.kind = 'weight' THEN s.idx / u.cols END AS neuron
+         CASE WHEN u.role = 'mlp_in' AND u.kind IN ('weight', 'bias') THEN s.idx % u.cols
+              WHEN u.role = 'mlp_in' AND u.kind = 'lora_B' THEN s.idx / u.cols
+              WHEN u.role = 'mlp_out' AND u.kind = 'weight' THEN s.idx / u.cols
+              WHEN u.role = 'mlp_out' AND u.kind = 'lora_A' THEN s.idx % u.cols END AS neuron
   FROM shifts s JOIN units u ON u.unit = s.unit
-  WHERE u.role = 'mlp_in' OR (u.role = 'mlp_out' AND u.kind = 'weight');
+  WHERE (u.role = 'mlp_in' AND u.kind IN ('weight', 'bias', 'lora_B'))
+     OR (u.role = 'mlp_out' AND u.kind IN ('weight', 'lora_A'));
 )sql";
 
 // ---- what a recorder hands over ----

@@ -6,19 +6,9 @@
 #include <torch/torch.h>
 
 #include <rlhf/core/small_matmul.hpp>
+#include <rlhf/model/capture_point.hpp>
 
 namespace rlhf {
-
-/// An observer of a linear layer's forward passes, for training-process transparency (rlhf/interp/capture.hpp
-/// records per-datum weight gradients through it). A layer whose `capture` pointer is set calls on_forward() with
-/// its input and output; unset (the default), the layer pays one pointer test per forward and nothing else.
-class LinearCapture {
- public:
-  virtual ~LinearCapture() = default;
-  /// `x` [..., in] is the layer's input and `y` [..., out] its output, before the layer returns it; an observer
-  /// may register a gradient hook on `y`.
-  virtual void on_forward(const torch::Tensor& x, const torch::Tensor& y) = 0;
-};
 
 /// y = x W + b with W stored [in_features, out_features], the layout of GPT-2 checkpoints, so weights load unchanged.
 class Conv1DImpl : public torch::nn::Module {
@@ -56,7 +46,7 @@ class Conv1DImpl : public torch::nn::Module {
   torch::Tensor weight;  ///< [in, out]
   torch::Tensor bias;    ///< [out]
   /// Observer of this layer's forwards (not owned; null = none). Set and cleared by rlhf::ShiftRecorder.
-  LinearCapture* capture = nullptr;
+  ForwardCapture* capture = nullptr;
 
  private:
   int64_t in_features_;

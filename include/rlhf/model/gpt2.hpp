@@ -13,11 +13,13 @@
 #include <torch/torch.h>
 
 #include <rlhf/adapters/adapter.hpp>
+#include <rlhf/adapters/lora.hpp>
 #include <rlhf/adapters/no_adapter.hpp>
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>
+#include <rlhf/model/capture_point.hpp>
 #include <rlhf/model/conv1d.hpp>
 #include <rlhf/model/gpt2_config.hpp>
 #include <rlhf/model/kv_cache.hpp>
@@ -26,11 +28,15 @@ namespace rlhf {
 
 // ---- building blocks ----
 
-/// Layernorm computed in fp32 whatever the input dtype (bf16 layernorms lose too much); returns fp32.
-inline torch::Tensor layer_norm_fp32(const torch::Tensor& x, const torch::nn::LayerNorm& ln) {
-  const auto& opts = ln->options;
-  return torch::layer_norm(x.to(torch::kFloat), opts.normalized_shape(), ln->weight.to(torch::kFloat),
-                           ln->bias.to(torch::kFloat), opts.eps());
+/// Layernorm computed in fp32 whatever the input dtype (bf16 layernorms lose too much); returns fp32. Calls the
+/// layernorm's capture point, when set, with the fp32 input and the output.
+inline torch::Tensor layer_norm_fp32(const torch::Tensor& x, GPT2LayerNormImpl& ln) {
+  const auto& opts = ln.options;
+  auto input = x.to(torch::kFloat);
+  auto y = torch::layer_norm(input, opts.normalized_shape(), ln.weight.to(torch::kFloat), ln.bias.to(torch::kFloat),
+                             opts.eps());
+  if (ln.capture) ln.capture->on_forward(input, y);
+  return y;
 }
 
 /// The fixed position table of Vaswani et al. 2017 (arXiv 1706.03762) as PyTorch's transformer tutorial builds it:
@@ -158,20 +164,20 @@ class GPT2BlockImpl : public torch::nn::Module {
  public:
   GPT2BlockImpl(const GPT2Config& config, int64_t layer_idx) : resid_pdrop_(config.resid_pdrop) {
     auto ln_options = torch::nn::LayerNormOptions({config.n_embd}).eps(config.layer_norm_epsilon);
-    ln_1 = register_module("ln_1", torch::nn::LayerNorm(ln_options));
+    ln_1 = register_module("ln_1", std::make_shared<GPT2LayerNormImpl>(ln_options));
     attn = register_module("attn", std::make_shared<GPT2AttentionImpl<Adapter>>(config, layer_idx));
-    ln_2 = register_module("ln_2", torch::nn::LayerNorm(ln_options));
+    ln_2 = register_module("ln_2", std::make_shared<GPT2LayerNormImpl>(ln_options));
     mlp = register_module("mlp", std::make_shared<GPT2MLPImpl<Adapter>>(config));
   }
 
   /// x: [B, T, D] -> [B, T, D]
   torch::Tensor forward(torch::Tensor x, const torch::Tensor& bias, KVCache* cache, int64_t layer) {
     const auto dtype = x.scalar_type();
-    x = x + dropout(attn->forward(layer_norm_fp32(x, ln_1).to(dtype), bias, cache, layer));
-    return x + dropout(mlp->forward(layer_norm_fp32(x, ln_2).to(dtype)));
+    x = x + dropout(attn->forward(layer_norm_fp32(x, *ln_1).to(dtype), bias, cache, layer));
+    return x + dropout(mlp->forward(layer_norm_fp32(x, *ln_2).to(dtype)));
   }
 
-  torch::nn::LayerNorm ln_1{nullptr}, ln_2{nullptr};
+  std::shared_ptr<GPT2LayerNormImpl> ln_1, ln_2;
   std::shared_ptr<GPT2AttentionImpl<Adapter>> attn;
   std::shared_ptr<GPT2MLPImpl<Adapter>> mlp;
 
@@ -183,8 +189,9 @@ class GPT2BlockImpl : public torch::nn::Module {
 };
 
 /// The transformer body, registered as "transformer" so parameter names match Hugging Face's GPT2LMHeadModel.
+/// Its capture points (GPT2CapturePoints) observe the embeddings and the tied output projection.
 template <class Adapter = NoAdapter>
-class GPT2TransformerImpl : public torch::nn::Module {
+class GPT2TransformerImpl : public torch::nn::Module, public GPT2CapturePoints {
  public:
   explicit GPT2TransformerImpl(const GPT2Config& config) {
     wte = register_module("wte", torch::nn::Embedding(config.vocab_size, config.n_embd));
@@ -194,15 +201,15 @@ class GPT2TransformerImpl : public torch::nn::Module {
       blocks.push_back(std::make_shared<GPT2BlockImpl<Adapter>>(config, i));
       h->push_back(blocks.back());
     }
-    ln_f = register_module(
-        "ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.n_embd}).eps(config.layer_norm_epsilon)));
+    ln_f = register_module("ln_f", std::make_shared<GPT2LayerNormImpl>(
+                                       torch::nn::LayerNormOptions({config.n_embd}).eps(config.layer_norm_epsilon)));
   }
 
   torch::nn::Embedding wte{nullptr};  ///< token embeddings [V, D], tied to the output projection
   torch::nn::Embedding wpe{nullptr};  ///< position embeddings [n_positions, D]
   torch::nn::ModuleList h{nullptr};   ///< the blocks, as registered
   std::vector<std::shared_ptr<GPT2BlockImpl<Adapter>>> blocks;  ///< the same blocks, typed
-  torch::nn::LayerNorm ln_f{nullptr};  ///< final layernorm
+  std::shared_ptr<GPT2LayerNormImpl> ln_f;  ///< final layernorm
 };
 
 // ---- the model ----
@@ -255,11 +262,13 @@ class GPT2Impl : public torch::nn::Module {
     auto x = transformer->wte(input_ids);
     if (config_.embedding_scale != 1.0) x = x * config_.embedding_scale;
     x = x + transformer->wpe(position_ids);
+    if (transformer->embedding_capture)
+      transformer->embedding_capture->on_embed(input_ids, position_ids, config_.embedding_scale, x);
     if (is_training() && config_.embd_pdrop > 0) x = torch::dropout(x, config_.embd_pdrop, true);
     for (size_t i = 0; i < transformer->blocks.size(); ++i)
       x = transformer->blocks[i]->forward(x, bias, cache, static_cast<int64_t>(i));
     if (cache) cache->advance(t);
-    return layer_norm_fp32(x, transformer->ln_f);
+    return layer_norm_fp32(x, *transformer->ln_f);
   }
 
   /// Next-token logits [..., V] (fp32) from final-layernorm outputs [..., D] through the tied output projection.
@@ -271,7 +280,9 @@ class GPT2Impl : public torch::nn::Module {
       shape.back() = wte.size(0);
       if (auto y = small_rows_mm_nt(hidden.reshape({-1, hidden.size(-1)}), wte); y.defined()) return y.view(shape);
     }
-    return torch::matmul(hidden.to(wte.scalar_type()), wte.t()).to(torch::kFloat);
+    auto y = torch::matmul(hidden.to(wte.scalar_type()), wte.t()).to(torch::kFloat);
+    if (transformer->head_capture) transformer->head_capture->on_forward(hidden, y);
+    return y;
   }
 
   /// A cache for `batch` rows and up to `capacity` positions, in the model's dtype and device.
@@ -344,6 +355,9 @@ void init_uniform(GPT2Impl<Adapter>& model, double bound) {
     if (auto* linear = dynamic_cast<Conv1DImpl*>(module.get())) {
       linear->weight.uniform_(-bound, bound);
       linear->bias.zero_();
+    } else if (auto* lora = dynamic_cast<LoRAConv1DImpl*>(module.get())) {
+      lora->weight.uniform_(-bound, bound);
+      lora->bias.zero_();
     } else if (auto* ln = dynamic_cast<torch::nn::LayerNormImpl*>(module.get())) {
       ln->reset_parameters();
     }

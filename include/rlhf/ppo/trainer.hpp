@@ -221,12 +221,9 @@ class PPOTrainer {
   /// the AdamW step), e.g. an rlhf::ShiftRecorder. StepInfo::ids and attention_mask are the minibatch's rollout
   /// rows [mb, P + G] (datum b = row b: one prompt and its completion), loss_mask marks the generated tokens, and
   /// StepInfo::step numbers the updates phase x updates_per_phase + index, so steps stay unique across phases.
-  void add_callback(std::shared_ptr<StepCallback> callback) {
-    if (!callback) detail::fail("PPOTrainer::add_callback: null callback");
-    step_callbacks_.push_back(std::move(callback));
-  }
+  void add_callback(std::shared_ptr<StepCallback> callback) { step_callbacks_.add(std::move(callback), "PPOTrainer"); }
   /// Removes a callback added with add_callback() (nothing when it is not there).
-  void remove_callback(const std::shared_ptr<StepCallback>& callback) { std::erase(step_callbacks_, callback); }
+  void remove_callback(const std::shared_ptr<StepCallback>& callback) { step_callbacks_.remove(callback); }
 
   Policy& policy() { return policy_; }
   /// The frozen copy of the initial base model (full fine-tuning only: an adapter policy has no copy).
@@ -358,23 +355,15 @@ class PPOTrainer {
       auto order = torch::randperm(batch, shuffle_, torch::TensorOptions().dtype(torch::kLong)).to(device);
       for (int64_t m = 0; m < config_.num_minibatches; ++m) {
         auto idx = order.narrow(0, m * mbs, mbs);
-        StepInfo info;
-        if (!step_callbacks_.empty()) {
-          info = minibatch_info(rollout_data, idx, epoch * config_.num_minibatches + m);
-          for (auto& callback : step_callbacks_) callback->on_step_begin(info);
-        }
+        step_callbacks_.begin([&] { return minibatch_info(rollout_data, idx, epoch * config_.num_minibatches + m); });
         detail::MinibatchTerms terms = minibatch_loss(rollout_data, idx, stats.kl_coef);
         if (config_.kl_placement == KLPlacement::loss) sum_kl += terms.kl_term.item<double>();
         optimizer_.zero_grad();
         terms.loss.backward();
         const double grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
-        if (!step_callbacks_.empty()) {
-          info.grad_norm = grad_norm;
-          info.clip_coef = clip_coefficient(config_.max_grad_norm, grad_norm);
-          for (auto& callback : step_callbacks_) callback->on_gradients(info);
-        }
+        step_callbacks_.gradients(grad_norm, config_.max_grad_norm);
         optimizer_.step();
-        for (auto& callback : step_callbacks_) callback->on_step_end(info);
+        step_callbacks_.end();
         ++stats.updates;
         sum_pg += terms.pg.loss.item<double>();
         sum_vf += terms.vf.loss.item<double>();
@@ -504,7 +493,7 @@ class PPOTrainer {
   torch::Generator shuffle_;
   int64_t phase_ = 0;
   std::vector<Callback> callbacks_;
-  std::vector<std::shared_ptr<StepCallback>> step_callbacks_;
+  StepCallbacks step_callbacks_;
 };
 
 // ---- names for the common compositions ----

@@ -8,9 +8,9 @@
 #include <concepts>
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -28,6 +28,7 @@
 #include <rlhf/tokenizer/gpt2_tokenizer.hpp>
 #include <rlhf/train/module_state.hpp>
 #include <rlhf/train/optimizer.hpp>
+#include <rlhf/train/step_callback.hpp>
 #include <rlhf/train/trainer_state.hpp>
 
 namespace rlhf {
@@ -164,16 +165,23 @@ class RewardTrainer {
     stats.learning_rate = config_.lr * scale;
     if (config_.train_dropout) model_->train();
     else model_->eval();
-    torch::Tensor chosen, rejected;  // [B] each
+    auto [ids, mask] = pair_inputs(chosen_ids, chosen_mask, rejected_ids, rejected_mask);  // [2B, T] each
+    optimizer_.zero_grad();
+    callbacks_.begin([&] {
+      return StepInfo{.step = step_, .ids = ids, .attention_mask = mask, .optimizer = &optimizer_.optimizer()};
+    });
+    torch::Tensor scores;  // [2B]: the chosen rows, then the rejected rows
     {
       AutocastScope autocast(config_.precision, model_->device());
-      std::tie(chosen, rejected) = pair_scores(chosen_ids, chosen_mask, rejected_ids, rejected_mask, b);
+      scores = model_->raw(ids, mask);
     }
+    auto chosen = scores.narrow(0, 0, b), rejected = scores.narrow(0, b, b);
     auto loss = preference_loss(chosen, rejected);
-    optimizer_.zero_grad();
     loss.backward();
     stats.grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
+    callbacks_.gradients(stats.grad_norm, config_.max_grad_norm);
     optimizer_.step();
+    callbacks_.end();
     model_->eval();
     auto diff = (chosen - rejected).detach();  // [B]
     stats.loss = loss.item<double>();
@@ -199,10 +207,10 @@ class RewardTrainer {
     for (const auto& batch : batches) {
       const int64_t b = check_pair(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask,
                                    "RewardTrainer::evaluate");
+      auto [ids, mask] = pair_inputs(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask);
       AutocastScope autocast(config_.precision, model_->device());
-      auto [chosen, rejected] =
-          pair_scores(batch.chosen_ids, batch.chosen_mask, batch.rejected_ids, batch.rejected_mask, b);
-      diffs.push_back((chosen - rejected).to(torch::kCPU, torch::kDouble));
+      auto scores = model_->raw(ids, mask);  // [2B]
+      diffs.push_back((scores.narrow(0, 0, b) - scores.narrow(0, b, b)).to(torch::kCPU, torch::kDouble));
     }
     if (diffs.empty()) detail::fail("RewardTrainer::evaluate: no batches (expected at least one pair)");
     auto diff = torch::cat(diffs);  // [N]
@@ -243,6 +251,16 @@ class RewardTrainer {
     step_ = state["step"].get<int64_t>();
   }
 
+  // ---- callbacks ----
+
+  /// Adds a callback that step() calls around each optimiser step (before the forward, after the clipped
+  /// gradients, after the update), e.g. an rlhf::ShiftRecorder on `*model()->base`. StepInfo::ids and
+  /// attention_mask are the step's one forward, [2B, T]: row i < B is pair i's chosen text, row B + i its rejected
+  /// text, so a datum is one text of a pair (padding masked).
+  void add_callback(std::shared_ptr<StepCallback> callback) { callbacks_.add(std::move(callback), "RewardTrainer"); }
+  /// Removes a callback added with add_callback() (nothing when it is not there).
+  void remove_callback(const std::shared_ptr<StepCallback>& callback) { callbacks_.remove(callback); }
+
   RewardModel<Base>& model() { return model_; }
   const RewardTrainConfig& config() const { return config_; }
   GroupedAdamW& optimizer() { return optimizer_; }
@@ -270,25 +288,23 @@ class RewardTrainer {
     return c_ids.size(0);
   }
 
-  /// Raw scores [B] of the chosen and [B] of the rejected rows, in one forward of [2B, max(Tc, Tr)].
-  std::pair<torch::Tensor, torch::Tensor> pair_scores(const torch::Tensor& c_ids, const torch::Tensor& c_mask,
-                                                      const torch::Tensor& r_ids, const torch::Tensor& r_mask,
-                                                      int64_t b) {
+  /// The one forward's input of a pair batch: ids and mask [2B, max(Tc, Tr)] on the model's device, the chosen rows
+  /// first, the shorter side right-padded with masked tokens.
+  std::pair<torch::Tensor, torch::Tensor> pair_inputs(const torch::Tensor& c_ids, const torch::Tensor& c_mask,
+                                                      const torch::Tensor& r_ids, const torch::Tensor& r_mask) {
     const int64_t t = std::max(c_ids.size(1), r_ids.size(1));
     auto pad = [&](const torch::Tensor& x) {  // right-pad [B, T'] to [B, t] with 0 (masked tokens)
       return x.size(1) == t ? x.to(torch::kLong) : torch::constant_pad_nd(x.to(torch::kLong), {0, t - x.size(1)}, 0);
     };
     const auto device = model_->device();
-    auto ids = torch::cat({pad(c_ids), pad(r_ids)}, 0).to(device);    // [2B, T]
-    auto mask = torch::cat({pad(c_mask), pad(r_mask)}, 0).to(device);  // [2B, T]
-    auto scores = model_->raw(ids, mask);                                // [2B]
-    return {scores.narrow(0, 0, b), scores.narrow(0, b, b)};
+    return {torch::cat({pad(c_ids), pad(r_ids)}, 0).to(device), torch::cat({pad(c_mask), pad(r_mask)}, 0).to(device)};
   }
 
   RewardModel<Base> model_;
   RewardTrainConfig config_;
   GroupedAdamW optimizer_{config_.weight_decay};
   int64_t step_ = 0;
+  StepCallbacks callbacks_;
 };
 
 }  // namespace rlhf

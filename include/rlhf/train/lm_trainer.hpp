@@ -193,22 +193,16 @@ class LMTrainer {
     const double scale = config_.lr_scale(step_);
     optimizer_.set_scale(scale);
     optimizer_.zero_grad();
-    StepInfo info;
-    if (!callbacks_.empty()) {
-      info = StepInfo{.step = step_, .ids = in.ids, .attention_mask = in.attention_mask, .loss_mask = in.loss_mask,
+    callbacks_.begin([&] {
+      return StepInfo{.step = step_, .ids = in.ids, .attention_mask = in.attention_mask, .loss_mask = in.loss_mask,
                       .optimizer = &optimizer_.optimizer()};
-      for (auto& callback : callbacks_) callback->on_step_begin(info);
-    }
+    });
     auto loss = target_nll(in).div(static_cast<double>(in.targets));  // [] fp32
     loss.backward();
     stats.grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
-    if (!callbacks_.empty()) {
-      info.grad_norm = stats.grad_norm;
-      info.clip_coef = clip_coefficient(config_.max_grad_norm, stats.grad_norm);
-      for (auto& callback : callbacks_) callback->on_gradients(info);
-    }
+    callbacks_.gradients(stats.grad_norm, config_.max_grad_norm);
     optimizer_.step();
-    for (auto& callback : callbacks_) callback->on_step_end(info);
+    callbacks_.end();
     stats.loss = loss.template item<double>();
     stats.lr = config_.lr * scale;
     ++step_;
@@ -267,14 +261,9 @@ class LMTrainer {
 
   /// Adds a callback that step() calls around each optimiser step (before the forward, after the clipped
   /// gradients, after the update), e.g. an rlhf::ShiftRecorder. Datum b of a step is row b of its batch.
-  void add_callback(std::shared_ptr<StepCallback> callback) {
-    if (!callback) detail::fail("LMTrainer::add_callback: null callback");
-    callbacks_.push_back(std::move(callback));
-  }
+  void add_callback(std::shared_ptr<StepCallback> callback) { callbacks_.add(std::move(callback), "LMTrainer"); }
   /// Removes a callback added with add_callback() (nothing when it is not there).
-  void remove_callback(const std::shared_ptr<StepCallback>& callback) {
-    std::erase(callbacks_, callback);
-  }
+  void remove_callback(const std::shared_ptr<StepCallback>& callback) { callbacks_.remove(callback); }
 
   // ---- access ----
 
@@ -407,7 +396,7 @@ class LMTrainer {
   LMTrainConfig config_;
   GroupedAdamW optimizer_;
   int64_t step_ = 0;
-  std::vector<std::shared_ptr<StepCallback>> callbacks_;
+  StepCallbacks callbacks_;
 };
 
 /// Language-model training of a plain GPT-2 (full fine-tuning or pretraining from scratch).

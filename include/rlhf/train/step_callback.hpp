@@ -5,8 +5,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <string_view>
+#include <utility>
+#include <vector>
 
 #include <torch/torch.h>
+
+#include <rlhf/detail/error.hpp>
 
 namespace rlhf {
 
@@ -42,5 +48,44 @@ inline double clip_coefficient(double max_norm, double norm) {
   const float coef = static_cast<float>(max_norm) / (static_cast<float>(norm) + 1e-6f);
   return std::min(1.0, static_cast<double>(coef));
 }
+
+/// A trainer's step callbacks and the StepInfo of the step in progress: the trainer calls begin() before the
+/// forward, gradients() after clipping, end() after the optimiser step. With no callback each call is one test.
+class StepCallbacks {
+ public:
+  /// Adds `callback`; `who` names the trainer in the error for a null one.
+  void add(std::shared_ptr<StepCallback> callback, std::string_view who) {
+    if (!callback) detail::fail("{}::add_callback: null callback", who);
+    list_.push_back(std::move(callback));
+  }
+  /// Removes `callback` (nothing when it is not there).
+  void remove(const std::shared_ptr<StepCallback>& callback) { std::erase(list_, callback); }
+  bool empty() const { return list_.empty(); }
+
+  /// Builds the step's StepInfo with `make_info()` (only when there are callbacks) and calls on_step_begin.
+  template <class MakeInfo>
+  void begin(MakeInfo&& make_info) {
+    if (list_.empty()) return;
+    info_ = std::forward<MakeInfo>(make_info)();
+    for (auto& callback : list_) callback->on_step_begin(info_);
+  }
+  /// Records the gradient norm before clipping and the clip factor for `max_norm`, and calls on_gradients.
+  void gradients(double grad_norm, double max_norm) {
+    if (list_.empty()) return;
+    info_.grad_norm = grad_norm;
+    info_.clip_coef = clip_coefficient(max_norm, grad_norm);
+    for (auto& callback : list_) callback->on_gradients(info_);
+  }
+  /// Calls on_step_end and releases the step's tensors.
+  void end() {
+    if (list_.empty()) return;
+    for (auto& callback : list_) callback->on_step_end(info_);
+    info_ = StepInfo{};
+  }
+
+ private:
+  std::vector<std::shared_ptr<StepCallback>> list_;
+  StepInfo info_;
+};
 
 }  // namespace rlhf
