@@ -91,9 +91,10 @@ nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool 
   // are bf16 (28D bytes) and the probabilities exist in fp32 and as their bf16 cast (6 H T bytes).
   const double per_token_layer = bf16 ? 36 * d + 6 * h * t : 64 * d + 4 * h * t;
   const double blocks = l * mb * t * per_token_layer;
-  // Full-vocabulary fp32 tensors [mb, G, V] alive at the backward peak: log-softmax, its exp, the reference
-  // log-softmax, log p - log p_ref, and two gradients of that shape during backward (an estimate).
-  const double vocab = 6.0 * mb * g * v * 4;
+  // Full-vocabulary tensors [mb, G, V] alive at the backward peak: the fp32 logits and reference logits that
+  // policy_token_stats keeps, and the logits' fp32 gradient (bf16: also its bf16 cast for the projection's
+  // backward); the log-softmax, probabilities and their products exist one row chunk at a time.
+  const double vocab = (3.0 * 4 + (bf16 ? 2 : 0)) * mb * g * v;
   const double head = mb * g * 4 * d * 4 * 2;  // value head hidden pre/post ReLU
   const double kv_cache = 2 * l * b * t * d * 4;  // fp32: the cache takes the weights' dtype, fp32 under autocast
   const double rollout = b * g * d * 4 + 8 * b * g * 4 + 2 * b * t * 8;  // ref hidden, [B, G] floats, ids + mask

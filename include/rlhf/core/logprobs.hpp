@@ -164,6 +164,87 @@ struct TokenStatsFunction : public torch::autograd::Function<TokenStatsFunction>
   }
 };
 
+/// Calls fn(s, n) for consecutive row chunks [s, s + n) of `rows` [N, V], each of about kChunkElements elements.
+template <class Fn>
+void for_each_chunk(const torch::Tensor& rows, Fn&& fn) {
+  const int64_t N = rows.size(0), step = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(rows.size(1), 1));
+  for (int64_t s = 0; s < N; s += step) fn(s, std::min(step, N - s));
+}
+
+/// The softmax statistics of rows s .. s + n - 1 of logits / temperature (and of the reference logits when they
+/// are not empty), in the stats dtype: log p, p, and log p and log q set to 0 where p = 0 (so that the p log p
+/// terms of masked entries are 0 and their gradients finite).
+struct FusedChunk {
+  torch::Tensor logp, p, logp_finite, ref_logp_finite;  // [n, V] each
+};
+
+inline FusedChunk fused_chunk(const torch::Tensor& logits, const torch::Tensor& ref_logits, int64_t s, int64_t n,
+                              double temperature) {
+  const auto dtype = stats_dtype(logits.scalar_type());
+  auto log_softmax = [&](const torch::Tensor& x) {
+    auto z = x.narrow(0, s, n).to(dtype);
+    if (temperature != 1.0) z = z / temperature;
+    return torch::log_softmax(z, -1);
+  };
+  FusedChunk c;
+  c.logp = log_softmax(logits);
+  c.p = c.logp.exp();
+  auto zero = c.p.eq(0);
+  c.logp_finite = c.logp.masked_fill(zero, 0);
+  if (ref_logits.numel() > 0) c.ref_logp_finite = log_softmax(ref_logits).masked_fill_(zero, 0);
+  return c;
+}
+
+/// policy_token_stats' autograd node: the forward pass keeps only the logits (and per-row entropy and KL); the
+/// backward pass recomputes each chunk's softmax and writes the logits' gradient in closed form,
+/// dL/dz = p (-g_lp - g_H (log p + H) + g_KL (log p - log q - KL)) + g_lp onehot(token), z = logits / temperature.
+struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor logits,
+                                                torch::Tensor tokens, torch::Tensor ref_logits, double temperature) {
+    const int64_t N = logits.size(0);
+    const bool with_ref = ref_logits.numel() > 0;
+    auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
+    auto lp = torch::empty({N}, opts), ent = torch::empty({N}, opts), kl = torch::zeros({N}, opts);
+    for_each_chunk(logits, [&](int64_t s, int64_t n) {
+      auto c = fused_chunk(logits, ref_logits, s, n, temperature);
+      lp.narrow(0, s, n).copy_(c.logp.gather(-1, tokens.narrow(0, s, n).unsqueeze(-1)).squeeze(-1));
+      ent.narrow(0, s, n).copy_(-(c.p * c.logp_finite).sum(-1));
+      if (with_ref) kl.narrow(0, s, n).copy_((c.p * (c.logp_finite - c.ref_logp_finite)).sum(-1));
+    });
+    ctx->save_for_backward({logits, tokens, ref_logits, ent, kl});
+    ctx->saved_data["temperature"] = temperature;
+    return {lp, ent, kl};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& logits = saved[0];
+    const auto& tokens = saved[1];
+    const auto& ref_logits = saved[2];
+    const auto& ent = saved[3];
+    const auto& kl = saved[4];
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const bool with_ref = ref_logits.numel() > 0;
+    auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
+    auto column = [&](const torch::Tensor& g) {  // [N, 1]; an output without gradient counts as 0
+      return (g.defined() ? g.to(opts.dtype()) : torch::zeros({logits.size(0)}, opts)).unsqueeze(-1);
+    };
+    auto g_lp = column(grads[0]), g_ent = column(grads[1]), g_kl = column(grads[2]);
+    auto grad = torch::empty_like(logits);
+    for_each_chunk(logits, [&](int64_t s, int64_t n) {
+      auto c = fused_chunk(logits, ref_logits, s, n, temperature);
+      auto lp_g = g_lp.narrow(0, s, n);
+      auto coef = (c.logp_finite + ent.narrow(0, s, n).unsqueeze(-1)).mul_(g_ent.narrow(0, s, n)).neg_().sub_(lp_g);
+      if (with_ref)
+        coef.add_((c.logp_finite - c.ref_logp_finite).sub_(kl.narrow(0, s, n).unsqueeze(-1)).mul_(g_kl.narrow(0, s, n)));
+      auto g = c.p.mul_(coef).scatter_add_(-1, tokens.narrow(0, s, n).unsqueeze(-1), lp_g);
+      grad.narrow(0, s, n).copy_(temperature == 1.0 ? g : g.div_(temperature));
+    });
+    return {grad, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace detail::ppo_math
 
 /// log softmax(logits)[tokens]: the log-probability of each token, [...] from logits [..., V] and tokens [...]
@@ -192,6 +273,44 @@ inline torch::Tensor entropy_from_logits(const torch::Tensor& logits) {
   if (!logits.defined() || logits.dim() < 1)
     detail::fail("entropy_from_logits: logits must be [..., V], got {}", detail::ppo_math::shape_of(logits));
   return detail::ppo_math::chunked_logit_stats(logits, torch::Tensor(), false, true).second;
+}
+
+/// The statistics of a PPO minibatch's next-token distributions, [...] each.
+struct PolicyTokenStats {
+  torch::Tensor logprobs;  ///< log p(token), p = softmax(logits / temperature)
+  torch::Tensor entropy;   ///< -sum_v p_v log p_v
+  torch::Tensor kl;        ///< KL(p || q) = sum_v p_v (log p_v - log q_v), q = softmax(ref_logits / temperature);
+                           ///< zeros without reference logits
+};
+
+/// log p(token), the entropy of p and KL(p || q) per row of logits [..., V] (p = softmax(logits / temperature), q
+/// the same of `ref_logits`, optional) in one pass per row chunk, in float32 (double stays double). Differentiable
+/// with respect to `logits` (not `ref_logits`): under autograd the node keeps the logits and three numbers per row
+/// and writes the logits' gradient in closed form in the backward pass, so none of the [..., V] log-softmax,
+/// probabilities or their products exist beyond one chunk. Values and gradients equal gather_logprobs,
+/// entropy_from_logits and full_kl of logits / temperature. Entries with p = 0 (logit -inf) count as 0. Throws for
+/// mismatched shapes, a token id outside [0, V) or a non-positive temperature.
+inline PolicyTokenStats policy_token_stats(const torch::Tensor& logits, const torch::Tensor& tokens,
+                                           double temperature = 1.0, const torch::Tensor& ref_logits = {}) {
+  if (!logits.defined() || logits.dim() < 1)
+    detail::fail("policy_token_stats: logits must be [..., V], got {}", detail::ppo_math::shape_of(logits));
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1).vec();
+  if (!tokens.defined() || tokens.sizes() != logits.sizes().slice(0, logits.dim() - 1))
+    detail::fail("policy_token_stats: tokens must be [{}] (logits without the vocabulary dimension), got {}",
+                 fmt::join(lead, ", "), detail::ppo_math::shape_of(tokens));
+  if (ref_logits.defined() && ref_logits.sizes() != logits.sizes())
+    detail::fail("policy_token_stats: ref_logits must have the shape of logits {}, got {}",
+                 detail::ppo_math::shape_of(logits), detail::ppo_math::shape_of(ref_logits));
+  if (!(temperature > 0.0) || !std::isfinite(temperature))
+    detail::fail("policy_token_stats: temperature must be positive and finite, got {}", temperature);
+  detail::ppo_math::check_token_dtype("policy_token_stats", tokens);
+  const int64_t V = logits.size(-1);
+  detail::ppo_math::check_token_range("policy_token_stats", tokens, V);
+  auto rows = logits.reshape({-1, V});
+  auto ref = ref_logits.defined() ? ref_logits.detach().reshape({-1, V}) : torch::empty({0}, logits.options());
+  auto out = detail::ppo_math::FusedStatsFunction::apply(rows, tokens.reshape({-1}).to(torch::kLong), ref,
+                                                         temperature);
+  return {out[0].view(lead), out[1].view(lead), out[2].view(lead)};
 }
 
 /// Log-probabilities of the tokens and entropies of the next-token distributions, [N] each.

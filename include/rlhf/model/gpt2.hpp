@@ -278,7 +278,9 @@ class GPT2Impl : public torch::nn::Module {
     if (hidden.numel() <= kSmallRowsMmNt * hidden.size(-1)) {  // decoding: one pass over wte (core/small_matmul.hpp)
       auto shape = hidden.sizes().vec();
       shape.back() = wte.size(0);
-      if (auto y = small_rows_mm_nt(hidden.reshape({-1, hidden.size(-1)}), wte); y.defined()) return y.view(shape);
+      // contiguous(): the first decoding step projects a strided [B, D] slice of the prompt's hidden states
+      if (auto y = small_rows_mm_nt(hidden.reshape({-1, hidden.size(-1)}).contiguous(), wte); y.defined())
+        return y.view(shape);
     }
     auto y = torch::matmul(hidden.to(wte.scalar_type()), wte.t()).to(torch::kFloat);
     if (transformer->head_capture) transformer->head_capture->on_forward(hidden, y);

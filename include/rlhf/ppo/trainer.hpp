@@ -409,19 +409,19 @@ class PPOTrainer {
     torch::Tensor hidden = policy_->forward(d.ids.index_select(0, idx), d.attention_mask.index_select(0, idx))
                                .narrow(1, d.p - 1, d.g);  // [mb, G, D]
     torch::Tensor values = policy_->values(hidden);        // [mb, G]
-    torch::Tensor logp_all = (base.logits(hidden) / config_.temperature).log_softmax(-1);  // [mb, G, V] fp32
-    torch::Tensor logprobs = logp_all.gather(-1, d.tokens.index_select(0, idx).unsqueeze(-1)).squeeze(-1);
-    torch::Tensor probs = logp_all.exp();
-    t.entropy = masked_mean(-(probs * logp_all).sum(-1), mask);
-    t.pg = clipped_surrogate(logprobs, d.old_logprobs.index_select(0, idx), d.advantages.index_select(0, idx), mask,
-                             config_.clip_coef);
+    const bool kl_in_loss = config_.kl_placement == KLPlacement::loss;
+    // log p(token), entropy and KL to the reference in one pass per row chunk: only the [mb, G, V] logits (and the
+    // reference's, for the KL) are kept for the backward pass.
+    auto stats = policy_token_stats(base.logits(hidden), d.tokens.index_select(0, idx), config_.temperature,
+                                    kl_in_loss ? reference_logits(d.ref_hidden.index_select(0, idx)) : torch::Tensor());
+    t.entropy = masked_mean(stats.entropy, mask);
+    t.pg = clipped_surrogate(stats.logprobs, d.old_logprobs.index_select(0, idx), d.advantages.index_select(0, idx),
+                             mask, config_.clip_coef);
     t.vf = value_loss(values, d.old_values.index_select(0, idx), d.returns.index_select(0, idx), mask,
                       config_.clip_value);
     t.loss = t.pg.loss + config_.vf_coef * t.vf.loss - config_.ent_coef * t.entropy;
-    if (config_.kl_placement == KLPlacement::loss) {
-      torch::Tensor ref_logp_all =
-          (reference_logits(d.ref_hidden.index_select(0, idx)) / config_.temperature).log_softmax(-1);  // [mb,G,V]
-      t.kl_term = masked_mean((probs * (logp_all - ref_logp_all)).sum(-1), mask);
+    if (kl_in_loss) {
+      t.kl_term = masked_mean(stats.kl, mask);
       t.loss = t.loss + kl_coef * t.kl_term;
     }
     return t;
