@@ -407,15 +407,17 @@ class ShiftRecorder : public StepCallback {
       for (const auto& child : transformer->named_children()) {
         auto table = std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(child.value());
         if (!table || !table->weight.requires_grad()) continue;
-        if (child.key() == "wte")
+        if (child.key() == "wte") {
           tensors.push_back({prefix + "wte.weight", "embedding", "weight", -1, table->weight});
+          token_ = true;
+        }
         else if (child.key() == "wpe")
           tensors.push_back({prefix + "wpe.weight", "position_embedding", "weight", -1, table->weight});
       }
     }
     void arm() override {
       embedding_.arm();
-      head_.arm();
+      if (token_) head_.arm();  // the output projection's inputs and logit gradients only when wte is recorded
     }
     void disarm() override {
       embedding_.disarm();
@@ -492,6 +494,7 @@ class ShiftRecorder : public StepCallback {
    private:
     EmbeddingGradCapture embedding_;
     GradCapture head_;
+    bool token_ = false;  // wte is recorded (it trains)
     bool head_flat_ = false;
     torch::Tensor head_rows_, head_dy_, head_data_;  // flattened head forwards: [N, D], [N, V], datum of each row
   };
