@@ -428,6 +428,30 @@ TEST_CASE("shift recorder: RewardTrainer's steps are recorded, one datum per tex
   CHECK(recorder->stats().steps == 2);
 }
 
+TEST_CASE("shift recorder: the sampled-threshold top-k equals a full top-k") {
+  auto sorted_indices = [](const torch::Tensor& t) { return std::get<0>(t.sort()); };
+  auto gen = at::detail::createCPUGenerator(3);
+  SUBCASE("random magnitudes, large and small k") {
+    auto magnitude = torch::randn({3'000'000}, gen).abs_();
+    for (const int64_t k : {1, 1000, 40'000}) {
+      CAPTURE(k);
+      auto got = rlhf::detail::top_k_indices(magnitude, k);
+      REQUIRE(got.numel() == k);
+      CHECK(torch::equal(sorted_indices(got), sorted_indices(std::get<1>(magnitude.topk(k)))));
+    }
+  }
+  SUBCASE("a few large entries among zeros, and ties that defeat the threshold") {
+    auto sparse = torch::zeros({2'000'000});
+    auto where = torch::randperm(2'000'000, gen).narrow(0, 0, 500);
+    sparse.index_fill_(0, where, 1.0);
+    CHECK(torch::equal(sorted_indices(rlhf::detail::top_k_indices(sparse, 500)), sorted_indices(where)));
+    auto ties = torch::ones({2'000'000});  // nothing exceeds the sampled threshold: the full top-k runs
+    auto got = rlhf::detail::top_k_indices(ties, 300);
+    CHECK(got.numel() == 300);
+    CHECK(ties.index_select(0, got).eq(1).all().item<bool>());
+  }
+}
+
 TEST_CASE("shift store: the stored top-k equals a brute-force top-k") {
   rlhf::test::TempDir dir;
   const auto path = dir / "shifts.db";

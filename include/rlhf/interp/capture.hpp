@@ -61,16 +61,16 @@ inline std::pair<torch::Tensor, torch::Tensor> per_sample_layer_norm_grads(const
   return {(dyd * xhat).sum(1), dyd.sum(1)};
 }
 
-/// Per-datum gradients [B, rows, D] of an embedding table [rows, D] looked up at `ids` [B, T] with output gradient
-/// `dy` [B, T, D] (already multiplied by any factor the lookup was scaled by): row ids[b, t] of datum b receives
-/// dy[b, t].
-inline torch::Tensor per_sample_embedding_grad(const torch::Tensor& ids, const torch::Tensor& dy, int64_t rows,
-                                               torch::ScalarType dtype) {
-  const int64_t n = ids.size(0), d = dy.size(-1);
-  auto out = torch::zeros({n * rows, d}, dy.options().dtype(dtype));
+/// Adds the per-datum gradients of an embedding table [rows, D] looked up at `ids` [B, T] with output gradient `dy`
+/// [B, T, D] (already multiplied by any factor the lookup was scaled by) to `out` [B, rows, D] in place: row
+/// ids[b, t] of datum b receives dy[b, t]. Returns `out`.
+inline torch::Tensor& add_per_sample_embedding_grad_(torch::Tensor& out, const torch::Tensor& ids,
+                                                     const torch::Tensor& dy) {
+  const int64_t n = ids.size(0), rows = out.size(1), d = out.size(2);
   auto offset = torch::arange(n, ids.options().dtype(torch::kLong)).mul_(rows).unsqueeze(1);  // [B, 1]
-  out.index_add_(0, (ids.to(torch::kLong) + offset).reshape({-1}), dy.to(dtype).reshape({-1, d}));
-  return out.view({n, rows, d});
+  out.view({n * rows, d}).index_add_(0, (ids.to(torch::kLong) + offset).reshape({-1}),
+                                     dy.to(out.scalar_type()).reshape({-1, d}));
+  return out;
 }
 
 // ---- the capture of one layer ----

@@ -52,6 +52,27 @@ inline int64_t block_index(const std::string& name) {
   return layer;
 }
 
+/// Flat indices of the `k` largest entries of `magnitude` (1-D; in no particular order). A full top-k over tens of
+/// millions of entries (a large vocabulary's embedding shares) costs hundreds of milliseconds, so for inputs much
+/// larger than k a threshold read from an evenly strided sample of 65,536 entries (expected to let about 4k through)
+/// first narrows the candidates. Exact: the threshold is used only when at least k entries exceed it, and then every
+/// one of the k largest does; otherwise (ties, skewed samples) the full top-k runs.
+inline torch::Tensor top_k_indices(const torch::Tensor& magnitude, int64_t k) {
+  const int64_t n = magnitude.numel();
+  constexpr int64_t kSample = int64_t{1} << 16;
+  if (k > 0 && n >= 16 * kSample && n >= 64 * k) {
+    auto sample = magnitude.slice(0, 0, n, n / kSample);  // [>= kSample]
+    const int64_t above = std::min<int64_t>(sample.numel() - 1, (4 * k * sample.numel()) / n + 1);
+    const double threshold = std::get<0>(sample.kthvalue(sample.numel() - above)).item<double>();
+    auto candidates = magnitude.gt(threshold).nonzero().view({-1});
+    if (candidates.numel() >= k) {
+      if (candidates.numel() == k) return candidates;
+      return candidates.index_select(0, std::get<1>(magnitude.index_select(0, candidates).topk(k)));
+    }
+  }
+  return std::get<1>(magnitude.topk(std::min(k, n)));
+}
+
 }  // namespace detail
 
 /// The linear layers (Conv1D or LoRAConv1D) of `model` whose path ends in attn.c_attn, attn.c_proj, mlp.c_fc or
@@ -464,29 +485,29 @@ class ShiftRecorder : public StepCallback {
 
     torch::Tensor grads(size_t i, int64_t begin, int64_t n) override {
       const auto& t = tensors[i];
-      const int64_t rows = t.param.size(0);
       const auto dtype = t.param.scalar_type();
       const bool token = t.role == "embedding";
-      torch::Tensor sum = torch::zeros({n, rows, t.param.size(1)}, t.param.options().requires_grad(false));
-      for (const auto& r : embedding_.records()) {
-        if (!r.dy.defined()) continue;
-        auto dy = r.dy.narrow(0, begin, n);
-        sum.add_(token ? per_sample_embedding_grad(r.ids.narrow(0, begin, n), dy * r.scale, rows, dtype)
-                       : per_sample_embedding_grad(r.position_ids.narrow(0, begin, n), dy, rows, dtype));
-      }
-      if (!token) return sum;
-      if (head_flat_) {  // rows of data begin .. begin + n - 1: dy^T h per datum
+      // wte: the output projection's part first (written, not added, when it keeps the batch layout), then the
+      // lookups' rows added in place; wpe: the lookups only.
+      torch::Tensor sum;
+      if (token && !head_flat_)
+        sum = head_.sum_over_forwards(begin, n, [&](const torch::Tensor& x, const torch::Tensor& dy) {
+          return per_sample_weight_grad(dy, x, dtype);  // [n, V, D] = sum_t dy^T h
+        });
+      if (!sum.defined())
+        sum = torch::zeros({n, t.param.size(0), t.param.size(1)}, t.param.options().requires_grad(false));
+      if (token && head_flat_) {  // rows of data begin .. begin + n - 1: dy^T h per datum
         for (int64_t j = 0; j < n; ++j) {
           auto picked = head_data_.eq(begin + j).nonzero().view({-1});
           if (picked.numel() == 0) continue;
-          sum[j].add_(torch::mm(head_dy_.index_select(0, picked).to(dtype).t(),
-                                head_rows_.index_select(0, picked).to(dtype)));
+          sum[j].addmm_(head_dy_.index_select(0, picked).to(dtype).t(), head_rows_.index_select(0, picked).to(dtype));
         }
-      } else {
-        auto head = head_.sum_over_forwards(begin, n, [&](const torch::Tensor& x, const torch::Tensor& dy) {
-          return per_sample_weight_grad(dy, x, dtype);  // [n, V, D] = sum_t dy^T h
-        });
-        if (head.defined()) sum.add_(head);
+      }
+      for (const auto& r : embedding_.records()) {
+        if (!r.dy.defined()) continue;
+        auto dy = r.dy.narrow(0, begin, n);
+        if (token) add_per_sample_embedding_grad_(sum, r.ids.narrow(0, begin, n), dy * r.scale);
+        else add_per_sample_embedding_grad_(sum, r.position_ids.narrow(0, begin, n), dy);
       }
       return sum;
     }
@@ -551,9 +572,9 @@ class ShiftRecorder : public StepCallback {
         picked = magnitude.gt(threshold).nonzero().view({-1});
         if (picked.numel() == 0) return;
         if (picked.numel() > kk)
-          picked = picked.index_select(0, std::get<1>(magnitude.index_select(0, picked).topk(kk)));
+          picked = picked.index_select(0, detail::top_k_indices(magnitude.index_select(0, picked), kk));
       } else {
-        picked = std::get<1>(magnitude.topk(kk));
+        picked = detail::top_k_indices(magnitude, kk);
       }
       const int64_t kept = picked.numel();
       auto values = flat.index_select(0, picked).to(torch::kDouble);     // [kept]
