@@ -349,6 +349,12 @@ TEST_CASE("ppo policy_token_stats: the values and gradients of the separate log-
                          rlhf::Error);
     CHECK_THROWS_WITH_AS(rlhf::policy_token_stats(l, torch::tensor({0, 1}), 0.0),
                          "policy_token_stats: temperature must be positive and finite, got 0", rlhf::Error);
+    auto x = torch::zeros({2, 3}, torch::kDouble).requires_grad_(true);
+    auto s = rlhf::policy_token_stats(x, torch::tensor({0, 1}));
+    CHECK_THROWS_WITH_AS(
+        torch::autograd::grad({s.entropy.sum()}, {x}, {}, true, /*create_graph=*/true),
+        doctest::Contains("policy_token_stats: double backward (create_graph = true) is not supported"),
+        std::exception);
   }
 }
 

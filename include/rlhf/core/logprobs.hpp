@@ -218,6 +218,8 @@ struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction>
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (torch::GradMode::is_enabled())
+      fail("policy_token_stats: double backward (create_graph = true) is not supported");
     auto saved = ctx->get_saved_variables();
     const auto& logits = saved[0];
     const auto& tokens = saved[1];
@@ -289,7 +291,7 @@ struct PolicyTokenStats {
 /// and writes the logits' gradient in closed form in the backward pass, so none of the [..., V] log-softmax,
 /// probabilities or their products exist beyond one chunk. Values and gradients equal gather_logprobs,
 /// entropy_from_logits and full_kl of logits / temperature. Entries with p = 0 (logit -inf) count as 0. Throws for
-/// mismatched shapes, a token id outside [0, V) or a non-positive temperature.
+/// mismatched shapes, a token id outside [0, V) or a non-positive temperature; no double backward.
 inline PolicyTokenStats policy_token_stats(const torch::Tensor& logits, const torch::Tensor& tokens,
                                            double temperature = 1.0, const torch::Tensor& ref_logits = {}) {
   if (!logits.defined() || logits.dim() < 1)
