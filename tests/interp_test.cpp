@@ -787,6 +787,17 @@ TEST_CASE("GPT2 sinusoidal positions and uniform initialisation (the transparenc
   CHECK(model->transformer->wte->weight.abs().max().item<double>() <= 0.1);
   CHECK(rel_error(wpe, rlhf::sinusoidal_position_table(12, 8)) == 0);  // the table is kept
   CHECK_THROWS_WITH_AS(rlhf::init_uniform(*model, 0.0), "init_uniform: bound must be positive, got 0", rlhf::Error);
+  {
+    // A LoRA model's base weights too (N(0, 0.02) before: a bound of 0.5 is far above their spread); the adapters
+    // keep their own initialisation (B = 0).
+    rlhf::GPT2<rlhf::LoRA<2, rlhf::Targets::All>> lora(c);
+    rlhf::init_uniform(*lora, 0.5);
+    const auto& fc = lora->transformer->blocks[0]->mlp->c_fc;
+    CHECK(fc->weight.abs().max().item<double>() <= 0.5);
+    CHECK(fc->weight.abs().max().item<double>() > 0.4);
+    CHECK(fc->bias.abs().max().item<double>() == 0);
+    CHECK(fc->lora_B.abs().max().item<double>() == 0);
+  }
 
   SUBCASE("config.json carries the key only when on, and validation") {
     CHECK(c.to_json().at("sinusoidal_positions") == true);
