@@ -10,10 +10,10 @@
 /// - small_rows_addmm(bias, x, w): y = x w + bias with w [K, N] (Conv1D's layout), for at most 8 rows;
 /// - small_rows_mm_nt(x, e): y = x e^T with e [N, K] (the vocabulary projection), for at most 32 rows.
 ///
-/// Both return false (and the caller uses torch's operator) unless: the CPU has AVX2 and FMA, every tensor is fp32,
-/// dense and on the CPU, no autograd graph is needed (inference mode or no_grad, or nothing requires a gradient),
-/// autocast is off, and the decode kernels are enabled (set_decode_kernels(); on by default). Results equal torch's
-/// up to float summation order (~1e-6 relative).
+/// Both return an undefined tensor (and the caller uses torch's operator) unless: the CPU has AVX2 and FMA, every
+/// tensor is fp32, dense and on the CPU, no autograd graph is needed (inference mode or no_grad, or nothing
+/// requires a gradient), autocast is off, and the decode kernels are enabled (set_decode_kernels(); on by default).
+/// Results equal torch's up to float summation order (~1e-6 relative).
 
 #include <algorithm>
 #include <atomic>
