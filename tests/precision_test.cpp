@@ -14,12 +14,12 @@ TEST_CASE("precision: bf16 autocast forward agrees with fp32 and restores the st
   torch::Tensor bf16;
   {
     rlhf::AutocastScope scope(rlhf::Precision::bf16, torch::kCPU);
-    CHECK(at::autocast::is_cpu_enabled());
+    CHECK(rlhf::autocast_enabled(torch::kCPU));
     auto hidden = model->forward(ids);
     CHECK((hidden.scalar_type() == torch::kFloat));  // the final layernorm runs in fp32
     bf16 = model->logits(hidden).log_softmax(-1);
   }
-  CHECK_FALSE(at::autocast::is_cpu_enabled());
+  CHECK_FALSE(rlhf::autocast_enabled(torch::kCPU));
   CHECK((bf16.scalar_type() == torch::kFloat));
   const double mean_diff = (bf16 - fp32).abs().mean().item<double>();
   MESSAGE("mean |log p(bf16) - log p(fp32)| = " << mean_diff);
@@ -32,7 +32,7 @@ TEST_CASE("precision: bf16 autocast forward agrees with fp32 and restores the st
   CHECK(loss_bf16 == doctest::Approx(loss_fp32).epsilon(0.01));
   {
     rlhf::AutocastScope scope(rlhf::Precision::fp32, torch::kCPU);
-    CHECK_FALSE(at::autocast::is_cpu_enabled());
+    CHECK_FALSE(rlhf::autocast_enabled(torch::kCPU));
   }
   CHECK_THROWS_WITH_AS(rlhf::parse_precision("fp8", "PPOConfig.precision"),
                        "PPOConfig.precision: 'fp8' is not a precision (expected fp32 or bf16)", rlhf::Error);
@@ -57,6 +57,6 @@ TEST_CASE("precision: PPO in bf16 learns the token-count task like fp32") {
   const double after = (rewards[25] + rewards[26] + rewards[27] + rewards[28] + rewards[29]) / 5;
   MESSAGE("bf16 PPO: digits per 12-token sample " << before << " -> " << after);
   CHECK(after > before + 2.5);
-  CHECK_FALSE(at::autocast::is_cpu_enabled());
+  CHECK_FALSE(rlhf::autocast_enabled(torch::kCPU));
   for (const auto& p : policy->parameters()) CHECK((p.scalar_type() == torch::kFloat));  // fp32 master weights
 }

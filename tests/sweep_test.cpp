@@ -633,7 +633,9 @@ TEST_CASE("sweep over kl_coef and learning rate on the char-count task beats the
   sw::SearchSpace space(
       {sw::Param::log_uniform("ppo.base_lr", 3e-4, 3e-2), sw::Param::log_uniform("ppo.kl_coef", 0.01, 3.0)});
   sw::BayesianSearch searcher(space, {.seed = 0, .initial = 4, .candidates = 500});
-  sw::SweepOptions options{.out = dir / "sweep", .budget = 8, .title = "char count"};
+  // 12 trials: the runs are chaotic at high learning rates, and with 8 the search stopped short of the threshold
+  // below on LibTorch 2.6 (best 0.31 '.' per sample; 0.52 on 1.13, where trials 0-4 already differ).
+  sw::SweepOptions options{.out = dir / "sweep", .budget = 12, .title = "char count"};
   options.on_trial = [](const sw::Trial& t) {
     MESSAGE("trial " << t.index << " " << t.point.dump() << ": " << t.metrics.dump());
   };

@@ -6,6 +6,7 @@
 
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <rlhf/detail/error.hpp>
 
@@ -28,37 +29,58 @@ inline Precision parse_precision(std::string_view name, std::string_view field =
   detail::fail("{}: '{}' is not a precision (expected fp32 or bf16)", field, name);
 }
 
+// at::autocast's state per device type: torch 2.4 and later take the device type, earlier versions name CPU and
+// CUDA ("gpu") in the function.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+/// Whether autocast is on for `device` (torch::kCPU or torch::kCUDA) in this thread.
+inline bool autocast_enabled(c10::DeviceType device) { return at::autocast::is_autocast_enabled(device); }
+/// The dtype autocast casts to on `device`.
+inline at::ScalarType autocast_dtype(c10::DeviceType device) { return at::autocast::get_autocast_dtype(device); }
+namespace detail {
+inline void set_autocast(c10::DeviceType device, bool enabled, at::ScalarType dtype) {
+  at::autocast::set_autocast_enabled(device, enabled);
+  at::autocast::set_autocast_dtype(device, dtype);
+}
+}  // namespace detail
+#else
+inline bool autocast_enabled(c10::DeviceType device) {
+  return device == c10::DeviceType::CUDA ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();
+}
+inline at::ScalarType autocast_dtype(c10::DeviceType device) {
+  return device == c10::DeviceType::CUDA ? at::autocast::get_autocast_gpu_dtype()
+                                         : at::autocast::get_autocast_cpu_dtype();
+}
+namespace detail {
+inline void set_autocast(c10::DeviceType device, bool enabled, at::ScalarType dtype) {
+  if (device == c10::DeviceType::CUDA) {
+    at::autocast::set_enabled(enabled);
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  } else {
+    at::autocast::set_cpu_enabled(enabled);
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  }
+}
+}  // namespace detail
+#endif
+
 /// RAII scope that turns bf16 autocast on for `device`'s type (CPU or CUDA) when `precision` is bf16, and restores
 /// the previous autocast state on exit. Nestable; a no-op for fp32. Run forwards inside it and call backward()
 /// outside (autograd replays the casts).
 class AutocastScope {
  public:
-  AutocastScope(Precision precision, torch::Device device) : active_(precision == Precision::bf16), cuda_(device.is_cuda()) {
+  AutocastScope(Precision precision, torch::Device device)
+      : active_(precision == Precision::bf16), device_(device.is_cuda() ? c10::DeviceType::CUDA : c10::DeviceType::CPU) {
     if (!active_) return;
-    if (cuda_) {
-      was_enabled_ = at::autocast::is_enabled();
-      previous_dtype_ = at::autocast::get_autocast_gpu_dtype();
-      at::autocast::set_enabled(true);
-      at::autocast::set_autocast_gpu_dtype(torch::kBFloat16);
-    } else {
-      was_enabled_ = at::autocast::is_cpu_enabled();
-      previous_dtype_ = at::autocast::get_autocast_cpu_dtype();
-      at::autocast::set_cpu_enabled(true);
-      at::autocast::set_autocast_cpu_dtype(torch::kBFloat16);
-    }
+    was_enabled_ = autocast_enabled(device_);
+    previous_dtype_ = autocast_dtype(device_);
+    detail::set_autocast(device_, true, torch::kBFloat16);
     at::autocast::increment_nesting();
   }
 
   ~AutocastScope() {
     if (!active_) return;
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();  // drop cached bf16 weight copies
-    if (cuda_) {
-      at::autocast::set_enabled(was_enabled_);
-      at::autocast::set_autocast_gpu_dtype(previous_dtype_);
-    } else {
-      at::autocast::set_cpu_enabled(was_enabled_);
-      at::autocast::set_autocast_cpu_dtype(previous_dtype_);
-    }
+    detail::set_autocast(device_, was_enabled_, previous_dtype_);
   }
 
   AutocastScope(const AutocastScope&) = delete;
@@ -66,7 +88,7 @@ class AutocastScope {
 
  private:
   bool active_;
-  bool cuda_;
+  c10::DeviceType device_;
   bool was_enabled_ = false;
   at::ScalarType previous_dtype_ = torch::kBFloat16;
 };

@@ -28,8 +28,9 @@
 #include <immintrin.h>
 #endif
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
+
+#include <rlhf/core/precision.hpp>
 
 namespace rlhf {
 
@@ -206,7 +207,7 @@ inline bool avx2_fma() { return false; }
 
 /// Whether the kernels may take this product: see the file comment.
 inline bool small_matmul_applies(std::initializer_list<const torch::Tensor*> tensors) {
-  if (!decode_kernels_enabled() || !avx2_fma() || at::autocast::is_cpu_enabled()) return false;
+  if (!decode_kernels_enabled() || !avx2_fma() || autocast_enabled(torch::kCPU)) return false;
   const bool grad_mode = torch::GradMode::is_enabled();
   for (const auto* t : tensors) {
     if (!t->defined()) continue;
