@@ -57,6 +57,13 @@ inline std::pair<torch::Tensor, torch::Tensor> row_stats(const torch::Tensor& lo
   return {logprobs, entropy};
 }
 
+/// Calls fn(s, n) for consecutive row chunks [s, s + n) of `rows` [N, V], each of about kChunkElements elements.
+template <class Fn>
+void for_each_chunk(const torch::Tensor& rows, Fn&& fn) {
+  const int64_t N = rows.size(0), step = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(rows.size(1), 1));
+  for (int64_t s = 0; s < N; s += step) fn(s, std::min(step, N - s));
+}
+
 /// Applies row_stats to logits [..., V] in chunks of rows converted to the stats dtype, so that neither a float32
 /// copy of reduced-precision logits nor the softmax temporaries exist for all rows at once. Returns [...] tensors.
 inline std::pair<torch::Tensor, torch::Tensor> chunked_logit_stats(const torch::Tensor& logits,
@@ -72,15 +79,13 @@ inline std::pair<torch::Tensor, torch::Tensor> chunked_logit_stats(const torch::
     auto empty = torch::zeros(lead, logits.options().dtype(dtype));
     return {want_logprobs ? empty : torch::Tensor(), want_entropy ? empty : torch::Tensor()};
   }
-  const int64_t step = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(V, 1));
   std::vector<torch::Tensor> lp, ent;
-  for (int64_t s = 0; s < N; s += step) {
-    const int64_t n = std::min(step, N - s);
+  for_each_chunk(rows, [&](int64_t s, int64_t n) {
     auto [l, e] = row_stats(rows.narrow(0, s, n).to(dtype), want_logprobs ? ids.narrow(0, s, n) : ids, want_logprobs,
                             want_entropy);
     if (want_logprobs) lp.push_back(l);
     if (want_entropy) ent.push_back(e);
-  }
+  });
   return {want_logprobs ? torch::cat(lp).reshape(lead) : torch::Tensor(),
           want_entropy ? torch::cat(ent).reshape(lead) : torch::Tensor()};
 }
@@ -163,13 +168,6 @@ struct TokenStatsFunction : public torch::autograd::Function<TokenStatsFunction>
             torch::Tensor()};
   }
 };
-
-/// Calls fn(s, n) for consecutive row chunks [s, s + n) of `rows` [N, V], each of about kChunkElements elements.
-template <class Fn>
-void for_each_chunk(const torch::Tensor& rows, Fn&& fn) {
-  const int64_t N = rows.size(0), step = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(rows.size(1), 1));
-  for (int64_t s = 0; s < N; s += step) fn(s, std::min(step, N - s));
-}
 
 /// The softmax statistics of rows s .. s + n - 1 of logits / temperature (and of the reference logits when they
 /// are not empty), in the stats dtype: log p, p, and log p and log q set to 0 where p = 0 (so that the p log p

@@ -70,16 +70,14 @@ inline torch::Tensor full_kl(const torch::Tensor& logits, const torch::Tensor& r
   auto q_rows = ref_logits.reshape({-1, V});  // [N, V]
   const int64_t N = p_rows.size(0);
   if (N == 0) return torch::zeros(lead, logits.options().dtype(dtype));
-  const int64_t step = std::max<int64_t>(1, detail::ppo_math::kChunkElements / std::max<int64_t>(V, 1));
   std::vector<torch::Tensor> parts;
-  for (int64_t s = 0; s < N; s += step) {
-    const int64_t n = std::min(step, N - s);
+  detail::ppo_math::for_each_chunk(p_rows, [&](int64_t s, int64_t n) {
     auto log_p = torch::log_softmax(p_rows.narrow(0, s, n).to(dtype), -1);  // [n, V]
     auto log_q = torch::log_softmax(q_rows.narrow(0, s, n).to(dtype), -1);  // [n, V]
     auto p = log_p.exp();                                                   // [n, V]
     auto diff = (log_p - log_q).masked_fill(p.eq(0), 0);                    // [n, V] 0 where p = 0
     parts.push_back((p * diff).sum(-1));                                    // [n]
-  }
+  });
   return torch::cat(parts).reshape(lead);
 }
 
