@@ -1,7 +1,7 @@
 #pragma once
 /// @file What the benchmark programs share: timing, the machine's copy bandwidth and matmul ceiling measured in the
-/// same run, resident memory from /proc/self/status, GPT-2 FLOP counts, and a tokenizer with a GPT-2-sized
-/// vocabulary that needs no downloaded files.
+/// same run (on the CPU or a CUDA device), resident memory from /proc/self/status and a CUDA device's allocator,
+/// GPT-2 FLOP counts, and a tokenizer with a GPT-2-sized vocabulary that needs no downloaded files.
 
 #include <algorithm>
 #include <array>
@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -17,6 +18,9 @@
 
 #include <fmt/format.h>
 #include <torch/torch.h>
+#ifdef RLHF_BENCH_CUDA  // benchmarks/CMakeLists.txt defines it when LibTorch is built with CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include <rlhf/rlhf.hpp>
 
@@ -28,30 +32,36 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-/// Copy bandwidth in bytes/s: read + write of a `bytes` buffer (256 MiB by default, far beyond the caches), best
-/// of 5. A decoding step that reads every weight once cannot beat weight bytes / this.
-inline double copy_bandwidth(int64_t bytes = int64_t{256} << 20) {
-  auto src = torch::ones({bytes / 4}, torch::kFloat);
+/// Copy bandwidth of `device` in bytes/s: read + write of a `bytes` buffer (256 MiB by default, far beyond the
+/// caches), best of 5. A decoding step that reads every weight once cannot beat weight bytes / this.
+inline double copy_bandwidth(torch::Device device = torch::kCPU, int64_t bytes = int64_t{256} << 20) {
+  auto src = torch::ones({bytes / 4}, torch::TensorOptions().dtype(torch::kFloat).device(device));
   auto dst = torch::empty_like(src);
+  dst.copy_(src);
   double best = 1e30;
   for (int i = 0; i < 5; ++i) {
+    synchronize(device);
     auto start = std::chrono::steady_clock::now();
     dst.copy_(src);
+    synchronize(device);
     best = std::min(best, seconds_since(start));
   }
   return 2.0 * static_cast<double>(src.nbytes()) / best;
 }
 
-/// Achieved FLOP/s of one [m, k] x [k, n] matmul in `dtype` (fp32: OpenBLAS; bf16: oneDNN), best of `repeats`
-/// after one warm-up call.
-inline double matmul_flops(torch::ScalarType dtype, int64_t m, int64_t k, int64_t n, int repeats = 5) {
-  auto a = torch::randn({m, k}).to(dtype);
-  auto b = torch::randn({k, n}).to(dtype);
+/// Achieved FLOP/s of one [m, k] x [k, n] matmul in `dtype` on `device` (CPU fp32: OpenBLAS; CPU bf16: oneDNN;
+/// CUDA: cuBLAS), best of `repeats` after one warm-up call.
+inline double matmul_flops(torch::ScalarType dtype, int64_t m, int64_t k, int64_t n, torch::Device device = torch::kCPU,
+                           int repeats = 5) {
+  auto a = torch::randn({m, k}).to(device, dtype);
+  auto b = torch::randn({k, n}).to(device, dtype);
   auto c = torch::matmul(a, b);
   double best = 1e30;
   for (int i = 0; i < repeats; ++i) {
+    synchronize(device);
     auto start = std::chrono::steady_clock::now();
     c = torch::matmul(a, b);
+    synchronize(device);
     best = std::min(best, seconds_since(start));
   }
   return 2.0 * static_cast<double>(m) * static_cast<double>(k) * static_cast<double>(n) / best;
@@ -67,13 +77,13 @@ struct MatmulPoint {
 /// (`d_model` wide: use 768 or more, small widths do not reach the machine's ceiling), with `rows` = minibatch
 /// tokens (e.g. 8 x 66 = 528) and a large 2048-row case. `points` receives every shape.
 inline double matmul_ceiling(torch::ScalarType dtype, int64_t d_model, int64_t rows,
-                             std::vector<MatmulPoint>* points = nullptr) {
+                             std::vector<MatmulPoint>* points = nullptr, torch::Device device = torch::kCPU) {
   const std::vector<std::array<int64_t, 3>> shapes = {
       {rows, d_model, 3 * d_model}, {rows, d_model, 4 * d_model}, {rows, 4 * d_model, d_model},
       {2048, d_model, 4 * d_model}, {2048, 4 * d_model, d_model}};
   double best = 0;
   for (const auto& [m, k, n] : shapes) {
-    const double flops = matmul_flops(dtype, m, k, n);
+    const double flops = matmul_flops(dtype, m, k, n, device);
     if (points) points->push_back({m, k, n, flops});
     best = std::max(best, flops);
   }
@@ -103,15 +113,46 @@ inline bool reset_peak_rss() {
   return static_cast<bool>(clear);
 }
 
-/// Samples VmRSS every `period` on a thread, so that the peak of each stage of a call that runs several stages
-/// (PPOTrainer::step) can be read afterwards from the stage's time window.
-class RssSampler {
+/// Whether this build can read a CUDA device's allocator statistics (LibTorch with CUDA).
+inline constexpr bool kDeviceMemoryStats =
+#ifdef RLHF_BENCH_CUDA
+    true;
+#else
+    false;
+#endif
+
+/// MiB allocated by torch on CUDA `device` now (`peak` false) or at most since the last reset_device_peak
+/// (`peak` true); 0 for the CPU or without kDeviceMemoryStats.
+inline double device_allocated_mb(torch::Device device, bool peak = false) {
+#ifdef RLHF_BENCH_CUDA
+  if (device.is_cuda()) {
+    namespace alloc = c10::cuda::CUDACachingAllocator;
+    const auto stats = alloc::getDeviceStats(device.has_index() ? device.index() : 0);
+    const auto& bytes = stats.allocated_bytes[0];  // StatType::AGGREGATE
+    return static_cast<double>(peak ? bytes.peak : bytes.current) / (1024.0 * 1024.0);
+  }
+#endif
+  return 0.0;
+}
+
+/// Resets the peak that device_allocated_mb(device, true) reports.
+inline void reset_device_peak(torch::Device device) {
+#ifdef RLHF_BENCH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.has_index() ? device.index() : 0);
+#endif
+}
+
+/// Samples a memory probe (default: VmRSS, in MiB) every `period` on a thread, so that the peak of each stage of a
+/// call that runs several stages (PPOTrainer::step) can be read afterwards from the stage's time window.
+class MemorySampler {
  public:
-  explicit RssSampler(std::chrono::microseconds period = std::chrono::microseconds(1000)) : period_(period) {
+  explicit MemorySampler(std::chrono::microseconds period = std::chrono::microseconds(1000),
+                      std::function<double()> probe = rss_mb)
+      : period_(period), probe_(std::move(probe)) {
     start_ = std::chrono::steady_clock::now();
     thread_ = std::thread([this] {
       while (!stop_.load()) {
-        const double mb = rss_mb();
+        const double mb = probe_();
         {
           std::lock_guard lock(mutex_);
           samples_.emplace_back(seconds_since(start_), mb);
@@ -120,9 +161,9 @@ class RssSampler {
       }
     });
   }
-  ~RssSampler() { stop(); }
-  RssSampler(const RssSampler&) = delete;
-  RssSampler& operator=(const RssSampler&) = delete;
+  ~MemorySampler() { stop(); }
+  MemorySampler(const MemorySampler&) = delete;
+  MemorySampler& operator=(const MemorySampler&) = delete;
 
   void stop() {
     stop_ = true;
@@ -148,6 +189,7 @@ class RssSampler {
 
  private:
   std::chrono::microseconds period_;
+  std::function<double()> probe_;
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> stop_{false};
   mutable std::mutex mutex_;

@@ -1,15 +1,16 @@
 // One PPO phase through the library's own PPOTrainer (GPT2Policy: GPT-2 + MLP value head, full fine-tuning, KL in
 // the loss as the seed notebook does), stage by stage: seconds, tokens/s, achieved TFLOP/s, the share of this
-// machine's matmul ceiling, the floor (FLOPs over the ceiling plus bytes over the copy bandwidth) and peak RSS. The
-// ceiling (per dtype) and the bandwidth are measured in the same run, after the phase. Then sampling at batch 1 and
+// machine's matmul ceiling, the floor (FLOPs over the ceiling plus bytes over the copy bandwidth) and peak memory
+// (resident memory on the CPU; torch's allocations on a CUDA device). The ceiling (per dtype) and the bandwidth are
+// measured on the same device in the same run, after the phase. Then sampling at batch 1 and
 // its distance from the memory-bandwidth floor. benchmarks/python/ppo_phase.py runs the same phase in PyTorch eager;
 // benchmarks/python/compare.py runs both and prints the ratios.
 //
-// Times are the last phase's (the earlier ones warm up allocators and caches); per-stage peak RSS is the first
-// phase's (VmRSS sampled every millisecond on a thread, the stage windows taken from PhaseStats), the phase's peak
-// is VmHWM over all phases.
+// Times are the last phase's (the earlier ones warm up allocators and caches); per-stage peak memory is the first
+// phase's (VmRSS, or on a GPU torch's allocated bytes, sampled every millisecond on a thread, the stage windows taken
+// from PhaseStats), the phase's peak is VmHWM (GPU: the allocator's peak) over all phases.
 //
-//   ppo_phase [--shape small|tiny] [--precision fp32|bf16] [--prompts 32] [--prompt-tokens 16] [--new-tokens 50]
+//   ppo_phase [--shape small|tiny] [--precision fp32|bf16] [--device cpu|cuda] [--prompts 32] [--prompt-tokens 16] [--new-tokens 50]
 //             [--minibatches 4] [--epochs 2] [--phases 2] [--seed 1] [--threads N] [--json PATH] [--no-batch1]
 
 #include <chrono>
@@ -34,7 +35,7 @@ rlhf::GPT2Config shape_config(const std::string& shape) {
 }
 
 struct Args {
-  std::string shape = "small", precision = "fp32", json_path;
+  std::string shape = "small", precision = "fp32", device = "cpu", json_path;
   int64_t prompts = 32, prompt_tokens = 16, new_tokens = 50, minibatches = 4, epochs = 2, phases = 2;
   uint64_t seed = 1;
   int threads = 0;
@@ -125,6 +126,7 @@ int main(int argc, char** argv) {
   app.add_option("--precision", a.precision, "fp32 or bf16 (autocast)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
       ->capture_default_str();
+  app.add_option("--device", a.device, "cpu, cuda, cuda:1, ...")->capture_default_str();
   app.add_option("--prompts", a.prompts, "prompts per phase")->capture_default_str();
   app.add_option("--prompt-tokens", a.prompt_tokens, "tokens per prompt, BOS included")->capture_default_str();
   app.add_option("--new-tokens", a.new_tokens, "tokens generated per prompt")->capture_default_str();
@@ -143,7 +145,17 @@ int main(int argc, char** argv) {
 
   auto runtime = rlhf::configure_runtime({.threads = a.threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
-  const double runtime_mb = bench::rss_mb();
+  const torch::Device device(a.device);
+  const bool gpu = device.is_cuda();
+  if (gpu && !torch::cuda::is_available()) {
+    fmt::print(stderr, "ppo_phase: --device {}: no CUDA device is available\n", a.device);
+    return 2;
+  }
+  if (gpu && !bench::kDeviceMemoryStats)
+    fmt::print("ppo_phase: this build cannot read the CUDA allocator's statistics: GPU memory is reported as 0\n");
+  // Memory is resident memory on the CPU and torch's allocations on a GPU.
+  auto memory_now = [&] { return gpu ? bench::device_allocated_mb(device) : bench::rss_mb(); };
+  const double runtime_mb = memory_now();
   const bool bf16 = a.precision == "bf16";
   const rlhf::GPT2Config gpt2 = shape_config(a.shape);
 
@@ -158,7 +170,9 @@ int main(int argc, char** argv) {
   config.total_phases = std::max<int64_t>(config.total_phases, a.phases + config.warmup_steps + 1);
   auto reward = rlhf::FunctionReward([](const std::string& text) { return bench::letter_e_share(text); });
   torch::manual_seed(static_cast<int64_t>(a.seed));
-  rlhf::GPT2Policy policy{rlhf::GPT2<>(gpt2)};
+  rlhf::GPT2<> base(gpt2);
+  base->place(device, torch::kFloat);
+  rlhf::GPT2Policy policy{base};
   rlhf::PPOTrainer<rlhf::GPT2Policy, decltype(reward), rlhf::AdaptiveKL> trainer(
       policy, reward, config, bench::placeholder_tokenizer(gpt2.vocab_size));
   const auto prompts = bench::letter_prompts(a.prompts, a.prompt_tokens - 1);  // + BOS
@@ -174,7 +188,8 @@ int main(int argc, char** argv) {
   };
   std::vector<PhaseRun> runs;
   bench::reset_peak_rss();
-  bench::RssSampler sampler;
+  bench::reset_device_peak(device);
+  bench::MemorySampler sampler(std::chrono::microseconds(1000), memory_now);
   for (int64_t i = 0; i < a.phases; ++i) {
     PhaseRun run;
     run.from = sampler.offset(std::chrono::steady_clock::now());
@@ -183,7 +198,7 @@ int main(int argc, char** argv) {
     runs.push_back(std::move(run));
   }
   sampler.stop();
-  const double phase_peak_mb = bench::peak_rss_mb();
+  const double phase_peak_mb = gpu ? bench::device_allocated_mb(device, true) : bench::peak_rss_mb();
   const rlhf::PhaseStats& stats = runs.back().stats;
 
   // ---- sampling at batch 1, in the phase's precision ----
@@ -192,24 +207,26 @@ int main(int argc, char** argv) {
   if (a.batch1) {
     auto prompt = trainer.tokenizer().encode(prompts.front());
     prompt.insert(prompt.begin(), trainer.tokenizer().eos_id());
-    auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0);  // [1, P]
+    auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0).to(device);  // [1, P]
     rlhf::SamplingConfig sampling{.max_new_tokens = a.new_tokens, .seed = a.seed};
-    rlhf::AutocastScope autocast(config.precision, torch::kCPU);
+    rlhf::AutocastScope autocast(config.precision, device);
     rlhf::generate(*policy->base, ids, {}, {.max_new_tokens = 2, .seed = a.seed});  // warm-up
+    rlhf::synchronize(device);
     const auto start = std::chrono::steady_clock::now();
     rlhf::generate(*policy->base, ids, {}, sampling);
+    rlhf::synchronize(device);
     batch1_seconds = bench::seconds_since(start);
   }
 
   // ---- the machine, measured after the phase so its buffers do not count in the phase's RSS ----
-  const double bandwidth = bench::copy_bandwidth();
+  const double bandwidth = bench::copy_bandwidth(device);
   // The ceiling is the machine's, probed at GPT-2-small widths (or wider) whatever the shape benchmarked: a tiny
   // model's small GEMMs reach only a fraction of it, and that is what the %ceil column should show.
   const int64_t mb_rows = a.prompts / a.minibatches * (a.prompt_tokens + a.new_tokens);
   const int64_t probe_width = std::max<int64_t>(gpt2.n_embd, 768);
   std::vector<bench::MatmulPoint> fp32_points, bf16_points;
-  const double ceiling_fp32 = bench::matmul_ceiling(torch::kFloat, probe_width, mb_rows, &fp32_points);
-  const double ceiling_bf16 = bench::matmul_ceiling(torch::kBFloat16, probe_width, mb_rows, &bf16_points);
+  const double ceiling_fp32 = bench::matmul_ceiling(torch::kFloat, probe_width, mb_rows, &fp32_points, device);
+  const double ceiling_bf16 = bench::matmul_ceiling(torch::kBFloat16, probe_width, mb_rows, &bf16_points, device);
   const double ceiling = bf16 ? ceiling_bf16 : ceiling_fp32;
 
   // ---- per-stage numbers ----
@@ -245,9 +262,9 @@ int main(int argc, char** argv) {
     stages[3].peak_mb = sampler.max_between(first.to - first.stats.seconds_training, first.to);
   }
 
-  fmt::print("rlhf ppo_phase: shape {} ({} layers, {} wide, {} heads, vocab {}), {}, {} threads, BLAS {}\n", a.shape,
-             gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.vocab_size, a.precision, runtime.threads,
-             runtime.blas_is_openmp_openblas ? "OpenMP OpenBLAS" : runtime.blas);
+  fmt::print("rlhf ppo_phase: shape {} ({} layers, {} wide, {} heads, vocab {}), {} on {}, {} threads, BLAS {}\n",
+             a.shape, gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.vocab_size, a.precision, device.str(),
+             runtime.threads, runtime.blas_is_openmp_openblas ? "OpenMP OpenBLAS" : runtime.blas);
   fmt::print("{} prompts x {} tokens, {} new tokens, {} minibatches x {} epochs; copy bandwidth {:.1f} GB/s, "
              "matmul ceiling fp32 {:.3f} / bf16 {:.3f} TFLOP/s\n",
              a.prompts, a.prompt_tokens, a.new_tokens, a.minibatches, a.epochs, bandwidth / 1e9, ceiling_fp32 / 1e12,
@@ -309,6 +326,7 @@ int main(int argc, char** argv) {
       {"implementation", "rlhf"},
       {"shape", a.shape},
       {"precision", a.precision},
+      {"device", device.str()},
       {"threads", runtime.threads},
       {"prompts", a.prompts},
       {"prompt_tokens", a.prompt_tokens},
@@ -328,6 +346,7 @@ int main(int argc, char** argv) {
         {"x_floor", total_seconds / total_floor},
         {"peak_rss_mb", phase_peak_mb}}},
       {"memory", memory},
+      {"memory_measure", gpu ? "CUDA allocations" : "resident set"},
       {"kl", stats.kl},
       {"updates", stats.updates}};
   if (a.batch1) result["generation_batch1"] = batch1;

@@ -1,4 +1,5 @@
 #include "test_util.hpp"
+#include "ppo_fixtures.hpp"
 
 #include <algorithm>
 
@@ -13,9 +14,7 @@ rlhf::GPT2Policy small_policy() {
                                                         .n_embd = 32, .n_layer = 2, .n_head = 4}));
 }
 
-double count_digits(const std::string& text) {
-  return static_cast<double>(std::count_if(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }));
-}
+using rlhf::test::count_digits;
 
 }  // namespace
 

@@ -1,4 +1,5 @@
 #include "test_util.hpp"
+#include "ppo_fixtures.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -127,18 +128,8 @@ std::map<std::string, torch::Tensor> gradients_of(Model& model, Loss&& loss) {
   return out;
 }
 
-/// The tolerance of "the shares sum to the applied update" for tensor `name`, relative to the largest update: 1e-5,
-/// but 1e-4 for layernorm gains, whose values near 1 carry an fp32 rounding of 6e-8 against updates of about 1e-2
-/// (the applied update p_after - p_before inherits it).
-double sum_tolerance(const std::string& name) {
-  return name.find("ln_") != std::string::npos && name.ends_with(".weight") ? 1e-4 : 1e-5;
-}
-
-/// Largest |a - b| relative to max |b|.
-double rel_error(const torch::Tensor& a, const torch::Tensor& b) {
-  const double scale = b.abs().max().item<double>();
-  return (a - b).abs().max().item<double>() / std::max(scale, 1e-30);
-}
+using rlhf::test::rel_error;
+using rlhf::test::sum_tolerance;
 
 }  // namespace
 
@@ -718,14 +709,9 @@ TEST_CASE("shift recorder: PPOTrainer's minibatch updates are recorded, and thei
                                      .n_layer = 2, .n_head = 2, .bos_token_id = tokenizer.eos_id(),
                                      .eos_token_id = tokenizer.eos_id()});
   rlhf::ActorCritic<> policy(base);
-  auto reward = rlhf::FunctionReward([](const std::string& text) { return static_cast<double>(text.size() % 3); });
-  rlhf::PPOConfig config{.seed = 5, .total_phases = 4, .batch_size = 8, .num_minibatches = 2,
-                         .batches_per_learning_phase = 2, .base_lr = 1e-2, .head_lr = 1e-2, .max_grad_norm = 0.05,
-                         .warmup_steps = 0, .gen_len = 6, .top_k = 0, .prefix = "a"};
-  rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL> trainer(policy, reward, config, tokenizer);
-  auto recorder = std::make_shared<rlhf::ShiftRecorder>(
-      *policy->base, rlhf::ShiftRecorderOptions{.units = rlhf::Targets::All, .biases = true, .layernorms = true,
-                                                .embeddings = true, .keep_dense = true});
+  rlhf::test::RecordedPPO run(policy);
+  auto& trainer = run.trainer;
+  const auto& recorder = run.recorder;
 
   /// Checks the recorder's accounting right after each update (it is added after the recorder, so it runs after).
   struct Check : rlhf::StepCallback {
@@ -753,7 +739,6 @@ TEST_CASE("shift recorder: PPOTrainer's minibatch updates are recorded, and thei
   };
   auto check = std::make_shared<Check>();
   check->recorder = recorder;
-  trainer.add_callback(recorder);
   trainer.add_callback(check);
   trainer.step();
   trainer.step();

@@ -1,4 +1,5 @@
 #include "test_util.hpp"
+#include "ppo_fixtures.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -365,9 +366,7 @@ LoRAPolicy tiny_lora_policy(uint64_t seed) {
   return LoRAPolicy(base);
 }
 
-double count_digits(const std::string& text) {
-  return static_cast<double>(std::count_if(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }));
-}
+using rlhf::test::count_digits;
 
 rlhf::PPOConfig lora_config() {
   return {.seed = 3, .total_phases = 20, .batch_size = 32, .num_minibatches = 4, .batches_per_learning_phase = 2,

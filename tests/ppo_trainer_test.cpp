@@ -1,4 +1,5 @@
 #include "test_util.hpp"
+#include "ppo_fixtures.hpp"
 
 #include <algorithm>
 #include <numeric>
@@ -7,25 +8,13 @@
 
 namespace {
 
-/// A tiny GPT-2 with the byte-level vocabulary (257 tokens).
-rlhf::ActorCritic<> tiny_policy(uint64_t seed) {
-  auto tokenizer = rlhf::GPT2Tokenizer::byte_level();
-  torch::manual_seed(seed);
-  rlhf::GPT2<> base(rlhf::GPT2Config{.vocab_size = tokenizer.vocab_size(), .n_positions = 64, .n_embd = 32,
-                                     .n_layer = 2, .n_head = 4, .bos_token_id = tokenizer.eos_id(),
-                                     .eos_token_id = tokenizer.eos_id()});
-  return rlhf::ActorCritic<>(base);
-}
-
-/// Reward: the number of decimal digits in the completion.
-double count_digits(const std::string& text) {
-  return static_cast<double>(std::count_if(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }));
-}
+using rlhf::test::count_digits;
+using rlhf::test::tiny_byte_policy;
 
 rlhf::PPOConfig learning_config(rlhf::KLPlacement placement) {
-  return {.seed = 3, .total_phases = 40, .batch_size = 32, .num_minibatches = 4, .batches_per_learning_phase = 2,
-          .base_lr = 3e-3, .head_lr = 3e-3, .warmup_steps = 2, .final_scale = 0.5, .gen_len = 12, .top_k = 0,
-          .prefix = "n", .kl_coef = 0.2, .lambda = 0.95, .kl_placement = placement};
+  auto config = rlhf::test::digit_learning_config();
+  config.kl_placement = placement;
+  return config;
 }
 
 }  // namespace
@@ -33,7 +22,7 @@ rlhf::PPOConfig learning_config(rlhf::KLPlacement placement) {
 TEST_CASE("ppo trainer: a tiny model learns a token-count reward") {
   for (auto placement : {rlhf::KLPlacement::reward, rlhf::KLPlacement::loss}) {
     CAPTURE(static_cast<int>(placement));
-    auto policy = tiny_policy(11);
+    auto policy = tiny_byte_policy(11);
     auto reward = rlhf::FunctionReward(count_digits);
     rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL> trainer(
         policy, reward, learning_config(placement), rlhf::GPT2Tokenizer::byte_level());
@@ -65,7 +54,7 @@ TEST_CASE("ppo trainer: a tiny model learns a token-count reward") {
 }
 
 TEST_CASE("ppo trainer: the reference stays frozen and equals the initial policy") {
-  auto policy = tiny_policy(5);
+  auto policy = tiny_byte_policy(5);
   std::map<std::string, torch::Tensor> initial;
   for (const auto& item : policy->base->named_parameters()) initial[item.key()] = item.value().detach().clone();
   auto reward = rlhf::FunctionReward(count_digits);
@@ -96,7 +85,7 @@ TEST_CASE("ppo trainer: a bf16 reference copy gives the fp32 reference's KL") {
   for (bool bf16 : {false, true}) {
     config.reference_bf16 = bf16;
     rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL> trainer(
-        tiny_policy(9), reward, config, rlhf::GPT2Tokenizer::byte_level());
+        tiny_byte_policy(9), reward, config, rlhf::GPT2Tokenizer::byte_level());
     CHECK((trainer.reference()->dtype() == (bf16 ? torch::kBFloat16 : torch::kFloat)));
     trainer.step();
     kl.push_back(trainer.step().kl);  // the policy has moved: KL > 0
@@ -112,7 +101,7 @@ TEST_CASE("ppo trainer: bad input is refused") {
   config.batch_size = 4;
   config.num_minibatches = 2;
   rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL> trainer(
-      tiny_policy(1), reward, config, rlhf::GPT2Tokenizer::byte_level());
+      tiny_byte_policy(1), reward, config, rlhf::GPT2Tokenizer::byte_level());
   CHECK_THROWS_WITH_AS(trainer.step(), "reward: sample 0 has score nan (scores must be finite; ---> HINT: check the "
                                        "reward function for divisions by zero or log(0))",
                        rlhf::Error);
@@ -140,7 +129,7 @@ TEST_CASE("ppo trainer: target KL stops a phase's epochs early") {
   rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);
   config.base_lr = 5e-2;  // large steps: the first minibatch already moves the policy far
   config.target_kl = 1e-6;
-  rlhf::GPT2PPOTrainer<decltype(reward)> trainer(tiny_policy(2), reward, config, rlhf::GPT2Tokenizer::byte_level());
+  rlhf::GPT2PPOTrainer<decltype(reward)> trainer(tiny_byte_policy(2), reward, config, rlhf::GPT2Tokenizer::byte_level());
   static_assert(std::is_same_v<decltype(trainer)::Base, rlhf::GPT2<>>);
   trainer.step();                       // warmup: lr = base_lr / 2
   auto stats = trainer.step();
@@ -159,44 +148,27 @@ TEST_CASE("ppo config: the learning-rate schedule warms up then decays linearly"
 }
 
 TEST_CASE("ppo trainer: a run resumed from save_state continues exactly as an uninterrupted one") {
-  auto reward = rlhf::FunctionReward(count_digits);
-  rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);
-  config.total_phases = 4;
-  config.batch_size = 8;
-  config.num_minibatches = 2;
-  using Trainer = rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::AdaptiveKL>;
-  auto make = [&] { return Trainer(tiny_policy(4), reward, config, rlhf::GPT2Tokenizer::byte_level()); };
-
-  Trainer straight = make();
-  std::vector<rlhf::PhaseStats> expected;
-  for (int i = 0; i < 4; ++i) expected.push_back(straight.step());
-
   rlhf::test::TempDir dir;
-  {
-    Trainer first = make();
-    first.step();
-    first.step();
-    first.save_state(dir.path());
-  }
-  Trainer resumed = make();  // the same starting model: its frozen copy is the reference
-  resumed.load_state(dir.path());
-  CHECK(resumed.step_count() == 2);
+  const auto runs = rlhf::test::resume_runs(torch::kCPU, dir.path());
+  CHECK(runs.loaded_step == 2);
   for (int i = 2; i < 4; ++i) {
-    auto stats = resumed.step();
+    const auto& stats = runs.resumed[i - 2];
+    const auto& expected = runs.straight[i];
     CHECK(stats.phase == i);
-    CHECK(stats.reward_mean == expected[i].reward_mean);
-    CHECK(stats.kl == expected[i].kl);
-    CHECK(stats.kl_coef == expected[i].kl_coef);
-    CHECK(stats.policy_loss == expected[i].policy_loss);
-    CHECK(stats.value_loss == expected[i].value_loss);
+    CHECK(stats.reward_mean == expected.reward_mean);
+    CHECK(stats.kl == expected.kl);
+    CHECK(stats.kl_coef == expected.kl_coef);
+    CHECK(stats.policy_loss == expected.policy_loss);
+    CHECK(stats.value_loss == expected.value_loss);
   }
-  auto a = straight.policy()->named_parameters();
-  for (const auto& item : resumed.policy()->named_parameters()) CHECK(torch::equal(item.value(), a[item.key()]));
+  for (const auto& [name, value] : runs.resumed_parameters)
+    CHECK(torch::equal(value, runs.straight_parameters.at(name)));
 
   // A state from another architecture is refused, naming the tensor.
   auto other = rlhf::ActorCritic<>(rlhf::GPT2<>(rlhf::GPT2Config{.vocab_size = 257, .n_positions = 64, .n_embd = 16,
                                                                   .n_layer = 2, .n_head = 2}));
-  Trainer wrong(other, reward, config, rlhf::GPT2Tokenizer::byte_level());
+  rlhf::test::ResumeTrainer wrong(other, rlhf::FunctionReward(&count_digits), rlhf::test::resume_config(),
+                                  rlhf::GPT2Tokenizer::byte_level());
   CHECK_THROWS_WITH_AS(wrong.load_state(dir.path()),
                        fmt::format("checkpoint: {}: tensor 'base.transformer.h.0.attn.c_attn.bias' has shape [96], "
                                    "the model expects [48]",

@@ -87,11 +87,11 @@ def compare_phase(a, results):
     lib, eager = {}, {}
     for precision in a.precision:
         lib[precision] = run([os.path.join(a.build, "benchmarks", "ppo_phase"), "--shape", a.shape, "--precision",
-                              precision, "--threads", str(a.threads)], a.wait_idle)
+                              precision, "--threads", str(a.threads), "--device", a.device], a.wait_idle)
         for variant in a.variant:
             eager[(variant, precision)] = run([a.python, EAGER, "--mode", "phase", "--variant", variant, "--shape",
-                                               a.shape, "--precision", precision, "--threads", str(a.threads)],
-                                              a.wait_idle)
+                                               a.shape, "--precision", precision, "--threads", str(a.threads),
+                                               "--device", a.device], a.wait_idle)
     print("PPO phase: seconds per stage, eager / library, and x floor (floor from the library run's ceiling and "
           "bandwidth)")
     table = []
@@ -218,6 +218,7 @@ def main():
     p.add_argument("--build", default="build", help="the CMake build folder holding benchmarks/")
     p.add_argument("--shape", choices=["small", "tiny"], default="small")
     p.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the PPO phase runs (phase comparison only)")
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--variant", nargs="+", choices=["seed", "lean"], default=["seed", "lean"])
     p.add_argument("--only", nargs="+", choices=["phase", "generation", "train-step"],

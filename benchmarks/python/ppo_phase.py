@@ -17,10 +17,11 @@ Modes:
   generation  sampling speed at batch 1 and 16, fp32 and bf16 weights (generation_bench's set-up)
   train-step  one learning step of a minibatch, fp32 and bf16 autocast (train_step_bench's set-up)
 
-Runs with Debian's torch 1.13 (/usr/bin/python3). torch starts with one thread: --threads sets torch's, and the
-OpenMP/OpenBLAS variables are set before torch loads. glibc malloc would hand large buffers back to the kernel after
-every op: the script re-executes itself with MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_ set (unless
---no-malloc-tuning).
+Runs with Debian's torch 1.13 (/usr/bin/python3); --device cuda runs on a GPU with torch 2.x (every tensor is
+created there, stages are timed to the end of the GPU's work, memory is torch's CUDA allocations). torch starts with
+one thread: --threads sets torch's, and the OpenMP/OpenBLAS variables are set before torch loads. glibc malloc would
+hand large buffers back to the kernel after every op: the script re-executes itself with MALLOC_MMAP_MAX_=0 and
+MALLOC_TRIM_THRESHOLD_ set (unless --no-malloc-tuning).
 
   /usr/bin/python3 benchmarks/python/ppo_phase.py --variant seed|lean --precision fp32|bf16 --shape small|tiny
   /usr/bin/python3 benchmarks/python/ppo_phase.py --mode generation
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=["seed", "lean"], default="seed")
     p.add_argument("--shape", choices=["small", "tiny"], default="small")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torch 2.x: the default device of every tensor)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt, BOS included")
     p.add_argument("--new-tokens", type=int, default=50)
@@ -70,6 +72,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 torch.set_num_threads(THREADS)
+DEVICE = torch.device(ARGS.device)
+if DEVICE.type != "cpu":
+    torch.set_default_device(DEVICE)  # models, caches, prompts and index tensors are created there
 
 
 # ---- shapes, prompts, reward (the same as benchmarks/bench_util.hpp) ----
@@ -122,15 +127,25 @@ def _status_mb(field):
     return int(m.group(1)) / 1024.0 if m else 0.0
 
 
+def sync():
+    """Waits for the device's queued work, so that host clocks time it (CUDA launches are asynchronous)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def rss_mb():
-    return _status_mb("VmRSS")
+    """Resident memory (MiB); on a GPU, torch's allocations there."""
+    return torch.cuda.memory_allocated(DEVICE) / 2**20 if DEVICE.type == "cuda" else _status_mb("VmRSS")
 
 
 def peak_rss_mb():
-    return _status_mb("VmHWM")
+    return torch.cuda.max_memory_allocated(DEVICE) / 2**20 if DEVICE.type == "cuda" else _status_mb("VmHWM")
 
 
 def reset_peak_rss():
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -352,7 +367,7 @@ HP = dict(base_lr=2e-5, head_lr=5e-4, max_grad_norm=1.0, clip_coef=0.2, vf_coef=
 
 
 def autocast(bf16):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def make_optimizer(policy, maximize):
@@ -369,10 +384,12 @@ class Timer:
         self.stats, self.name = stats, name
 
     def __enter__(self):
+        sync()
         reset_peak_rss()
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
+        sync()
         self.stats[self.name] = dict(seconds=time.perf_counter() - self.start, peak_rss_mb=peak_rss_mb())
 
 
@@ -509,7 +526,7 @@ def run_phase(a):
     eos = shape["vocab"] - 1
     prompts = letter_prompts(a.prompts, a.prompt_tokens - 1)
     prompt_ids = torch.tensor([[eos] + [BYTE_ID[c] for c in s.encode()] for s in prompts])  # [B, P], BOS first
-    generator = torch.Generator().manual_seed(a.seed)
+    generator = torch.Generator(device=DEVICE).manual_seed(a.seed)
     # Times are the last phase's; per-stage peak RSS is the first phase's (malloc keeps freed memory, so later
     # phases start at the first one's high-water mark), as in benchmarks/ppo_phase.
     first = stats = None
@@ -528,7 +545,7 @@ def run_phase(a):
     t, mb = p + g, b // a.minibatches
     tokens = dict(generation=b * g, reward=b * g, reference=2 * b * t, training=a.minibatches * a.epochs * mb * t)
     out_stages = {}
-    print(f"eager ppo_phase ({a.variant}): shape {a.shape}, {a.precision}, {THREADS} threads, "
+    print(f"eager ppo_phase ({a.variant}): shape {a.shape}, {a.precision} on {DEVICE}, {THREADS} threads, "
           f"torch {torch.__version__}")
     print(f"{'stage':<11} {'seconds':>9} {'tokens/s':>10} {'TFLOP':>8} {'TFLOP/s':>9} {'peak MB':>9}")
     total_s = total_f = 0.0
@@ -543,7 +560,7 @@ def run_phase(a):
     print(f"{'phase':<11} {total_s:>9.3f} {b * g / total_s:>10.1f} {total_f / 1e12:>8.3f} "
           f"{total_f / total_s / 1e12:>9.3f} {peak:>9.0f}")
     return dict(benchmark="ppo_phase", implementation=f"eager-{a.variant}", shape=a.shape, precision=a.precision,
-                threads=THREADS, torch=torch.__version__, prompts=a.prompts, prompt_tokens=a.prompt_tokens,
+                device=str(DEVICE), threads=THREADS, torch=torch.__version__, prompts=a.prompts, prompt_tokens=a.prompt_tokens,
                 new_tokens=a.new_tokens, minibatches=a.minibatches, epochs=a.epochs, runtime_mb=runtime_mb,
                 stages=out_stages,
                 phase=dict(seconds=total_s, tflops=total_f / total_s / 1e12, peak_rss_mb=peak))
@@ -569,10 +586,12 @@ def run_generation(a):
                         if variant == "seed":
                             sample_seed(base, prompt, n)
                         else:
-                            sample_lean(base, prompt, n, torch.Generator().manual_seed(1))
+                            sample_lean(base, prompt, n, torch.Generator(device=DEVICE).manual_seed(1))
                 run(2)  # warm-up
+                sync()
                 start = time.perf_counter()
                 run(a.new_tokens)
+                sync()
                 s = time.perf_counter() - start
                 tps = b * a.new_tokens / s
                 print(f"{variant:<6} {dtype_name:<6} {b:>5} {tps:>10.1f} {1e3 * s / a.new_tokens:>9.2f}")
@@ -607,9 +626,11 @@ def run_train_step(a, batch=8, seq=66, gen=50):
             loss.backward()
             optimizer.step()
         step()  # warm-up
+        sync()
         start = time.perf_counter()
         for _ in range(a.steps):
             step()
+        sync()
         s = (time.perf_counter() - start) / a.steps
         print(f"full {precision:<6} {s:>8.3f} s/step {flops / s / 1e12:>8.3f} TFLOP/s")
         results.append(dict(model="full", precision=precision, seconds_per_step=s, tflops=flops / s / 1e12))

@@ -13,6 +13,7 @@
 #include <malloc.h>
 #endif
 
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 namespace rlhf {
@@ -43,14 +44,18 @@ struct RuntimeInfo {
 
 namespace detail {
 
-/// Real paths of the loaded shared objects whose names contain "blas". torch loads two: libblas.so.3 and
-/// libopenblas.so.0, each chosen by its own Debian alternative, so both must point at the OpenMP build.
+/// Real paths of the loaded shared objects whose names contain "blas", GPU BLAS libraries (cuBLAS, hipBLAS,
+/// rocBLAS) left out. Debian's torch loads two: libblas.so.3 and libopenblas.so.0, each chosen by its own Debian
+/// alternative, so both must point at the OpenMP build. (PyPI's torch links MKL statically: no CPU BLAS is found.)
 inline std::vector<std::string> loaded_blas_paths() {
   std::vector<std::string> found;
   dl_iterate_phdr(
       [](dl_phdr_info* info, size_t, void* data) {
         std::string name = info->dlpi_name ? info->dlpi_name : "";
-        if (name.find("blas") != std::string::npos) static_cast<std::vector<std::string>*>(data)->push_back(name);
+        if (name.find("blas") == std::string::npos) return 0;
+        for (const char* gpu : {"cublas", "hipblas", "rocblas"})
+          if (name.find(gpu) != std::string::npos) return 0;
+        static_cast<std::vector<std::string>*>(data)->push_back(name);
         return 0;
       },
       &found);
@@ -62,6 +67,12 @@ inline std::vector<std::string> loaded_blas_paths() {
 }
 
 }  // namespace detail
+
+/// Waits until the work queued on `device` has run (CUDA launches are asynchronous); nothing on the CPU. Host-clock
+/// timings of GPU work call this at the end of what they time.
+inline void synchronize(torch::Device device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.has_index() ? device.index() : -1);
+}
 
 /// Sets torch's and OpenBLAS's thread counts, tunes malloc for large tensors, and reports the BLAS in use.
 /// Call once at the start of a program (the library's tools do). Without it torch may run on one thread.

@@ -30,6 +30,7 @@
 #include <rlhf/ppo/kl.hpp>
 #include <rlhf/ppo/losses.hpp>
 #include <rlhf/rewards/reward.hpp>
+#include <rlhf/runtime.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>
 #include <rlhf/train/module_state.hpp>
@@ -73,6 +74,7 @@ struct PhaseStats {
   double explained_variance = 0;   ///< of the returns by the rollout values
   double learning_rate = 0;        ///< base-model learning rate of this phase
   int64_t updates = 0;             ///< optimiser steps taken (fewer than planned after a target-KL stop)
+  /// Wall time of each stage; on a GPU each stage is timed to the end of the work it queued.
   double seconds_generation = 0, seconds_reward = 0, seconds_reference = 0, seconds_training = 0;
   double tokens_per_second = 0;    ///< generated tokens / seconds of the whole phase
   std::vector<std::string> samples;  ///< a few decoded completions
@@ -293,6 +295,7 @@ class PPOTrainer {
       AutocastScope autocast(config_.precision, device);
       return generate(base, prompt_ids.to(device), prompt_mask.to(device), sampling);
     }();
+    synchronize(device);
     stats.seconds_generation = detail::seconds_since(start);
     const int64_t batch = gen.ids.size(0), p = gen.prompt_length, g = config_.gen_len;
     torch::Tensor gen_mask = gen.generated_mask.to(torch::kFloat);  // [B, G]
@@ -327,6 +330,7 @@ class PPOTrainer {
       old_logprobs = detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk);
       std::tie(ref_hidden, ref_logprobs) = reference_logprobs(gen.ids, gen.attention_mask, tokens, p, chunk);
     }
+    synchronize(device);
     stats.seconds_reference = detail::seconds_since(start);
 
     // ---- rewards, KL shaping, advantages ----
@@ -387,6 +391,7 @@ class PPOTrainer {
     stats.value_clip_fraction = sum_vclip / n;
     stats.approx_kl = sum_akl / n;
     stats.kl_loss = sum_kl / n;
+    synchronize(device);
     stats.seconds_training = detail::seconds_since(start);
 
     kl_.update(stats.kl, batch);
