@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include <malloc.h>
+
 #include <fmt/format.h>
 #include <torch/torch.h>
 #ifdef RLHF_BENCH_CUDA  // benchmarks/CMakeLists.txt defines it when LibTorch is built with CUDA
@@ -142,20 +144,45 @@ inline void reset_device_peak(torch::Device device) {
 #endif
 }
 
+/// glibc malloc's heap (MiB, every arena): bytes the program holds, and bytes free in the heap (freed chunks and
+/// the top chunk, touched or not: not a measure of resident memory). Zeros where glibc lacks mallinfo2 (before
+/// 2.33).
+struct HeapUsage {
+  double in_use_mb = 0, free_mb = 0;
+};
+
+inline HeapUsage heap_usage() {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+  const struct mallinfo2 m = ::mallinfo2();
+  constexpr double kMiB = 1024.0 * 1024.0;
+  return {static_cast<double>(m.uordblks + m.hblkhd) / kMiB, static_cast<double>(m.fordblks) / kMiB};
+#else
+  return {};
+#endif
+}
+
 /// Samples a memory probe (default: VmRSS, in MiB) every `period` on a thread, so that the peak of each stage of a
-/// call that runs several stages (PPOTrainer::step) can be read afterwards from the stage's time window.
+/// call that runs several stages (PPOTrainer::step) can be read afterwards from the stage's time window. With
+/// `heap` set, each sample also records malloc's heap (heap_usage), so that the peak can be split into what the
+/// program held and what malloc kept.
 class MemorySampler {
  public:
+  /// One sample: seconds since the start, the probe's MiB, and the heap at that moment (zeros without `heap`).
+  struct Sample {
+    double t = 0, mb = 0;
+    HeapUsage heap;
+  };
+
   explicit MemorySampler(std::chrono::microseconds period = std::chrono::microseconds(1000),
-                      std::function<double()> probe = rss_mb)
-      : period_(period), probe_(std::move(probe)) {
+                         std::function<double()> probe = rss_mb, bool heap = false)
+      : period_(period), probe_(std::move(probe)), heap_(heap) {
     start_ = std::chrono::steady_clock::now();
     thread_ = std::thread([this] {
       while (!stop_.load()) {
-        const double mb = probe_();
+        Sample sample{.t = seconds_since(start_), .mb = probe_(), .heap = heap_ ? heap_usage() : HeapUsage{}};
         {
           std::lock_guard lock(mutex_);
-          samples_.emplace_back(seconds_since(start_), mb);
+          samples_.push_back(sample);
         }
         std::this_thread::sleep_for(period_);
       }
@@ -175,25 +202,43 @@ class MemorySampler {
     return std::chrono::duration<double>(t - start_).count();
   }
 
-  /// Largest sampled RSS (MiB) in [from, to] seconds after the start; for a window shorter than the period, the
+  /// Largest sampled value (MiB) in [from, to] seconds after the start; for a window shorter than the period, the
   /// last sample before `to`.
   double max_between(double from, double to) const {
     std::lock_guard lock(mutex_);
     double best = 0, before = 0;
-    for (const auto& [t, mb] : samples_) {
-      if (t >= from && t <= to) best = std::max(best, mb);
-      if (t <= to) before = mb;
+    for (const auto& s : samples_) {
+      if (s.t >= from && s.t <= to) best = std::max(best, s.mb);
+      if (s.t <= to) before = s.mb;
     }
     return best > 0 ? best : before;
+  }
+
+  /// The largest heap in use over all samples (MiB; 0 without `heap`).
+  double max_heap_in_use() const {
+    std::lock_guard lock(mutex_);
+    double best = 0;
+    for (const auto& s : samples_) best = std::max(best, s.heap.in_use_mb);
+    return best;
+  }
+
+  /// The sample with the largest value (the first of equal ones); a zero sample when there is none.
+  Sample peak() const {
+    std::lock_guard lock(mutex_);
+    Sample best;
+    for (const auto& s : samples_)
+      if (s.mb > best.mb) best = s;
+    return best;
   }
 
  private:
   std::chrono::microseconds period_;
   std::function<double()> probe_;
+  bool heap_;
   std::chrono::steady_clock::time_point start_;
   std::atomic<bool> stop_{false};
   mutable std::mutex mutex_;
-  std::vector<std::pair<double, double>> samples_;  // (seconds since start, MiB)
+  std::vector<Sample> samples_;
   std::thread thread_;
 };
 

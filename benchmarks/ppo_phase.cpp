@@ -2,16 +2,17 @@
 // the loss as the seed notebook does), stage by stage: seconds, tokens/s, achieved TFLOP/s, the share of this
 // machine's matmul ceiling, the floor (FLOPs over the ceiling plus bytes over the copy bandwidth) and peak memory
 // (resident memory on the CPU; torch's allocations on a CUDA device). The ceiling (per dtype) and the bandwidth are
-// measured on the same device in the same run, after the phase. Then sampling at batch 1 and
-// its distance from the memory-bandwidth floor. benchmarks/python/ppo_phase.py runs the same phase in PyTorch eager;
+// measured on the same device in the same run, after the phase. Then sampling at batch 1 and its distance from the
+// memory-bandwidth floor. benchmarks/python/ppo_phase.py runs the same phase in PyTorch eager;
 // benchmarks/python/compare.py runs both and prints the ratios.
 //
 // Times are the last phase's (the earlier ones warm up allocators and caches); per-stage peak memory is the first
 // phase's (VmRSS, or on a GPU torch's allocated bytes, sampled every millisecond on a thread, the stage windows taken
 // from PhaseStats), the phase's peak is VmHWM (GPU: the allocator's peak) over all phases.
 //
-//   ppo_phase [--shape small|tiny] [--precision fp32|bf16] [--device cpu|cuda] [--prompts 32] [--prompt-tokens 16] [--new-tokens 50]
-//             [--minibatches 4] [--epochs 2] [--phases 2] [--seed 1] [--threads N] [--json PATH] [--no-batch1]
+//   ppo_phase [--shape small|tiny] [--precision fp32|bf16] [--device cpu|cuda] [--prompts 32] [--prompt-tokens 16]
+//             [--new-tokens 50] [--minibatches 4] [--epochs 2] [--phases 2] [--seed 1] [--threads N] [--json PATH]
+//             [--no-batch1]
 
 #include <chrono>
 #include <fstream>
@@ -189,7 +190,7 @@ int main(int argc, char** argv) {
   std::vector<PhaseRun> runs;
   bench::reset_peak_rss();
   bench::reset_device_peak(device);
-  bench::MemorySampler sampler(std::chrono::microseconds(1000), memory_now);
+  bench::MemorySampler sampler(std::chrono::microseconds(1000), memory_now, /*heap=*/!gpu);
   for (int64_t i = 0; i < a.phases; ++i) {
     PhaseRun run;
     run.from = sampler.offset(std::chrono::steady_clock::now());
@@ -296,6 +297,21 @@ int main(int argc, char** argv) {
 
   auto memory = memory_accounting(gpt2, a, bf16, runtime_mb, policy_params, reference_params, trainable);
   memory["peak_rss_mb"] = phase_peak_mb;
+  // What the largest sample of resident memory was made of: the bytes the program held on malloc's heap (compare
+  // with the accounted items), the process as it started (libraries, the runtime), and the rest: freed memory that
+  // malloc kept resident (keep_memory), thread stacks, memory mapped outside malloc. malloc's free-byte count is no
+  // help here: it includes free chunks that were never touched.
+  const auto at_peak = sampler.peak();
+  const double accounted_items_mb = memory["bound_mb"].get<double>() - runtime_mb;
+  const double rest_mb = at_peak.mb - runtime_mb - at_peak.heap.in_use_mb;
+  const double max_heap_mb = sampler.max_heap_in_use();
+  if (!gpu) {
+    memory["sampled_peak_rss_mb"] = at_peak.mb;
+    memory["max_heap_in_use_mb"] = max_heap_mb;
+    memory["heap_in_use_at_peak_mb"] = at_peak.heap.in_use_mb;
+    memory["accounted_items_mb"] = accounted_items_mb;
+    memory["resident_beyond_heap_in_use_at_peak_mb"] = rest_mb;
+  }
   fmt::print("memory (MiB): runtime {:.0f} + policy {:.0f} + reference {:.0f} + gradients {:.0f} + AdamW {:.0f} + "
              "autocast copies {:.0f} + activations of one minibatch {:.0f} + KV cache {:.0f} + rollout {:.0f} = "
              "{:.0f}; measured peak {:.0f} ({:.2f} of the bound)\n",
@@ -305,6 +321,12 @@ int main(int argc, char** argv) {
              memory["activations_one_minibatch_mb"].get<double>(), memory["kv_cache_mb"].get<double>(),
              memory["rollout_buffers_mb"].get<double>(), memory["bound_mb"].get<double>(), phase_peak_mb,
              phase_peak_mb / memory["bound_mb"].get<double>());
+
+  if (!gpu && at_peak.heap.in_use_mb > 0)
+    fmt::print("at the sampled peak ({:.0f} MiB resident): runtime {:.0f} + malloc heap in use {:.0f} + the rest {:.0f} "
+               "(freed memory malloc kept, thread stacks, mappings outside malloc); the most the heap held at once: "
+               "{:.0f}, against {:.0f} of accounted items\n",
+               at_peak.mb, runtime_mb, at_peak.heap.in_use_mb, rest_mb, max_heap_mb, accounted_items_mb);
 
   if (a.batch1) {
     // A decoding step at batch 1 reads every weight once: its floor is weight bytes (matmul dtype) / bandwidth.
