@@ -146,7 +146,13 @@ int main(int argc, char** argv) {
 
   auto runtime = rlhf::configure_runtime({.threads = a.threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
-  const torch::Device device(a.device);
+  torch::Device device = torch::kCPU;
+  try {
+    device = rlhf::pipeline::parse_device(a.device, "--device");
+  } catch (const rlhf::Error& e) {
+    fmt::print(stderr, "ppo_phase: {}\n", e.what());
+    return 2;
+  }
   const bool gpu = device.is_cuda();
   if (gpu && !torch::cuda::is_available()) {
     fmt::print(stderr, "ppo_phase: --device {}: no CUDA device is available\n", a.device);
@@ -323,8 +329,8 @@ int main(int argc, char** argv) {
              phase_peak_mb / memory["bound_mb"].get<double>());
 
   if (!gpu && at_peak.heap.in_use_mb > 0)
-    fmt::print("at the sampled peak ({:.0f} MiB resident): runtime {:.0f} + malloc heap in use {:.0f} + the rest {:.0f} "
-               "(freed memory malloc kept, thread stacks, mappings outside malloc); the most the heap held at once: "
+    fmt::print("at the sampled peak ({:.0f} MiB resident): runtime {:.0f} + malloc heap in use {:.0f} + the rest "
+               "{:.0f} (freed memory malloc kept, thread stacks, mappings outside malloc); the most the heap held at once: "
                "{:.0f}, against {:.0f} of accounted items\n",
                at_peak.mb, runtime_mb, at_peak.heap.in_use_mb, rest_mb, max_heap_mb, accounted_items_mb);
 

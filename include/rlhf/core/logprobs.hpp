@@ -237,7 +237,9 @@ struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction>
       auto lp_g = g_lp.narrow(0, s, n);
       auto coef = (c.logp_finite + ent.narrow(0, s, n).unsqueeze(-1)).mul_(g_ent.narrow(0, s, n)).neg_().sub_(lp_g);
       if (with_ref)
-        coef.add_((c.logp_finite - c.ref_logp_finite).sub_(kl.narrow(0, s, n).unsqueeze(-1)).mul_(g_kl.narrow(0, s, n)));
+        coef.add_((c.logp_finite - c.ref_logp_finite)
+                      .sub_(kl.narrow(0, s, n).unsqueeze(-1))
+                      .mul_(g_kl.narrow(0, s, n)));
       auto g = c.p.mul_(coef).scatter_add_(-1, tokens.narrow(0, s, n).unsqueeze(-1), lp_g);
       grad.narrow(0, s, n).copy_(temperature == 1.0 ? g : g.div_(temperature));
     });

@@ -69,7 +69,8 @@ inline void set_autocast(c10::DeviceType device, bool enabled, at::ScalarType dt
 class AutocastScope {
  public:
   AutocastScope(Precision precision, torch::Device device)
-      : active_(precision == Precision::bf16), device_(device.is_cuda() ? c10::DeviceType::CUDA : c10::DeviceType::CPU) {
+      : active_(precision == Precision::bf16),
+        device_(device.is_cuda() ? c10::DeviceType::CUDA : c10::DeviceType::CPU) {
     if (!active_) return;
     was_enabled_ = autocast_enabled(device_);
     previous_dtype_ = autocast_dtype(device_);

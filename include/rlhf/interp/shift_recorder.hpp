@@ -431,9 +431,9 @@ class ShiftRecorder : public StepCallback {
         if (child.key() == "wte") {
           tensors.push_back({prefix + "wte.weight", "embedding", "weight", -1, table->weight});
           token_ = true;
-        }
-        else if (child.key() == "wpe")
+        } else if (child.key() == "wpe") {
           tensors.push_back({prefix + "wpe.weight", "position_embedding", "weight", -1, table->weight});
+        }
       }
     }
     void arm() override {
