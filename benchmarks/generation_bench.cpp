@@ -1,9 +1,13 @@
 // Sampling speed with the KV cache: new tokens/s at batch 1 and 16 for GPT-2-small shapes (random weights), in fp32
 // and bf16, with the batch-1 memory-bandwidth floor (bytes of weights read per token / measured copy bandwidth).
 //
-//   generation_bench [--layers 12 --width 768 --heads 12 --vocab 50257] [--new-tokens 32] [--threads N]
+//   generation_bench [--layers 12 --width 768 --heads 12 --vocab 50257] [--new-tokens 32] [--batch 1 16]
+//                    [--dtype fp32 bf16] [--decode-isa avx512|avx2|none] [--threads N]
 
 #include <chrono>
+#include <map>
+#include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -28,10 +32,19 @@ int main(int argc, char** argv) {
   app.add_option("--new-tokens", new_tokens)->capture_default_str();
   app.add_option("--batch", batches, "batch sizes")->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
+  std::vector<std::string> dtypes = {"fp32", "bf16"};
+  app.add_option("--dtype", dtypes, "weight dtypes")->check(CLI::IsMember({"fp32", "bf16"}))->capture_default_str();
   bool kernels = true;
   app.add_flag("!--no-decode-kernels", kernels, "decode with torch's addmm / matmul only (rlhf::set_decode_kernels)");
+  rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512;
+  const std::map<std::string, rlhf::DecodeIsa> isas{
+      {"avx512", rlhf::DecodeIsa::avx512}, {"avx2", rlhf::DecodeIsa::avx2}, {"none", rlhf::DecodeIsa::none}};
+  app.add_option("--decode-isa", isa_cap, "the best instruction set the decode kernels may use (rlhf::set_decode_isa)")
+      ->transform(CLI::CheckedTransformer(isas))
+      ->default_str("avx512");
   CLI11_PARSE(app, argc, argv);
-  rlhf::set_decode_kernels(kernels);
+  rlhf::set_decode_isa(kernels ? isa_cap : rlhf::DecodeIsa::none);
+  const std::string isa_name[] = {"none", "avx2", "avx512"};
 
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
@@ -39,10 +52,12 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   rlhf::GPT2<> model(config);
   nlohmann::json results = nlohmann::json::array();
-  fmt::print("threads {}, copy bandwidth {:.1f} GB/s\n", runtime.threads, bandwidth / 1e9);
+  fmt::print("threads {}, copy bandwidth {:.1f} GB/s, decode kernels: {}\n", runtime.threads, bandwidth / 1e9,
+             isa_name[static_cast<int>(rlhf::decode_isa())]);
   fmt::print("{:<6} {:>5} {:>12} {:>12} {:>14} {:>8}\n", "dtype", "batch", "tokens/s", "ms/step", "floor ms/step",
              "x floor");
-  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+  for (const auto& name : dtypes) {
+    const auto dtype = name == "fp32" ? torch::kFloat : torch::kBFloat16;
     model->place(torch::kCPU, dtype);
     int64_t weight_bytes = 0;
     for (const auto& p : model->parameters()) weight_bytes += p.nbytes();
@@ -55,7 +70,6 @@ int main(int argc, char** argv) {
       rlhf::generate(*model, prompt, {}, {.max_new_tokens = new_tokens, .seed = 1});
       const double s = seconds_since(start);
       const double tps = static_cast<double>(b * new_tokens) / s;
-      const std::string name = dtype == torch::kFloat ? "fp32" : "bf16";
       const double ms = 1e3 * s / static_cast<double>(new_tokens);
       fmt::print("{:<6} {:>5} {:>12.1f} {:>12.2f} {:>14.2f} {:>8.2f}\n", name, b, tps, ms, floor_ms, ms / floor_ms);
       results.push_back({{"dtype", name}, {"batch", b}, {"tokens_per_s", tps}, {"ms_per_step", ms},
@@ -63,6 +77,7 @@ int main(int argc, char** argv) {
     }
   }
   fmt::print("{}\n", nlohmann::json{{"benchmark", "generation"}, {"threads", runtime.threads}, {"decode_kernels", kernels},
+                                    {"decode_isa", isa_name[static_cast<int>(rlhf::decode_isa())]},
                                     {"copy_bandwidth_gb_s", bandwidth / 1e9}, {"results", results}}
                          .dump());
 }

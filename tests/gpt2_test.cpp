@@ -261,48 +261,64 @@ TEST_CASE("GPT2 save_pretrained / from_pretrained") {
 }
 
 TEST_CASE("few-row fp32 decode kernels equal torch's products") {
-  if (!rlhf::detail::avx2_fma()) {
+  if (rlhf::detail::cpu_decode_isa() == rlhf::DecodeIsa::none) {
     // Without AVX2 + FMA the kernels decline every product and torch's operators run.
     CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({1, 8}), torch::randn({8, 16})).defined());
     return;
   }
   torch::manual_seed(7);
   c10::InferenceMode inference;
-  // Column counts with and without a tail past the 16-wide (addmm) and 4-row (mm_nt) tiles; k with a tail past 8.
-  for (int64_t k : {8, 13, 96}) {
-    for (int64_t n : {16, 40, 67, 2304}) {
-      auto w = torch::randn({k, n}), bias = torch::randn({n}), e = torch::randn({n, k});
-      for (int64_t m = 1; m <= rlhf::kSmallRowsAddmm; ++m) {
+  // Every version this CPU runs: AVX2 always, AVX-512 where the CPU has it.
+  std::vector<rlhf::DecodeIsa> isas{rlhf::DecodeIsa::avx2};
+  if (rlhf::detail::cpu_decode_isa() == rlhf::DecodeIsa::avx512) isas.push_back(rlhf::DecodeIsa::avx512);
+  struct RestoreIsa {
+    ~RestoreIsa() { rlhf::set_decode_isa(rlhf::DecodeIsa::avx512); }
+  } restore;
+  for (auto isa : isas) {
+    rlhf::set_decode_isa(isa);
+    REQUIRE(rlhf::decode_isa() == isa);
+    const int isa_level = static_cast<int>(isa);
+    CAPTURE(isa_level);
+    const int64_t max_rows = rlhf::small_rows_addmm_max_rows();
+    CHECK(max_rows == (isa == rlhf::DecodeIsa::avx512 ? 64 : 8));
+    // Column counts with and without a tail past the 16- and 48-wide (addmm) and 4- and 6-row (mm_nt) tiles; k with
+    // a tail past 8 and 16.
+    for (int64_t k : {8, 13, 20, 96}) {
+      for (int64_t n : {16, 40, 67, 100, 2304}) {
         CAPTURE(k);
         CAPTURE(n);
-        CAPTURE(m);
-        auto x = torch::randn({m, k});
-        auto y = rlhf::small_rows_addmm(bias, x, w);
-        REQUIRE(y.defined());
-        CHECK(max_diff(y, torch::addmm(bias, x, w)) < 1e-4);
-        CHECK(max_diff(rlhf::small_rows_addmm({}, x, w), torch::mm(x, w)) < 1e-4);
-      }
-      for (int64_t m : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, int64_t{16}, rlhf::kSmallRowsMmNt}) {
-        CAPTURE(k);
-        CAPTURE(n);
-        CAPTURE(m);
-        auto x = torch::randn({m, k});
-        auto y = rlhf::small_rows_mm_nt(x, e);
-        REQUIRE(y.defined());
-        CHECK(max_diff(y, torch::mm(x, e.t())) < 1e-4);
+        auto w = torch::randn({k, n}), bias = torch::randn({n}), e = torch::randn({n, k});
+        for (int64_t m = 1; m <= max_rows; ++m) {
+          CAPTURE(m);
+          auto x = torch::randn({m, k});
+          auto y = rlhf::small_rows_addmm(bias, x, w);
+          REQUIRE(y.defined());
+          CHECK(max_diff(y, torch::addmm(bias, x, w)) < 1e-4);
+          CHECK(max_diff(rlhf::small_rows_addmm({}, x, w), torch::mm(x, w)) < 1e-4);
+        }
+        for (int64_t m : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, int64_t{16}, rlhf::kSmallRowsMmNt}) {
+          CAPTURE(m);
+          auto x = torch::randn({m, k});
+          auto y = rlhf::small_rows_mm_nt(x, e);
+          REQUIRE(y.defined());
+          CHECK(max_diff(y, torch::mm(x, e.t())) < 1e-4);
+        }
       }
     }
+    // Products the kernels leave to torch: too many rows, other dtypes, non-contiguous operands.
+    CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({max_rows + 1, 8}), torch::randn({8, 16})).defined());
+    CHECK_FALSE(rlhf::small_rows_mm_nt(torch::randn({rlhf::kSmallRowsMmNt + 1, 8}), torch::randn({16, 8})).defined());
+    CHECK_FALSE(rlhf::small_rows_mm_nt(torch::randn({2, 8}, torch::kDouble), torch::randn({16, 8}, torch::kDouble))
+                    .defined());
+    CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({1, 8}), torch::randn({16, 8}).t()).defined());
   }
-  // Products the kernels leave to torch: too many rows, other dtypes, non-contiguous operands.
-  CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({rlhf::kSmallRowsAddmm + 1, 8}), torch::randn({8, 16})).defined());
-  CHECK_FALSE(rlhf::small_rows_mm_nt(torch::randn({rlhf::kSmallRowsMmNt + 1, 8}), torch::randn({16, 8})).defined());
-  CHECK_FALSE(rlhf::small_rows_mm_nt(torch::randn({2, 8}, torch::kDouble), torch::randn({16, 8}, torch::kDouble))
-                  .defined());
-  CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({1, 8}), torch::randn({16, 8}).t()).defined());
+  rlhf::set_decode_isa(rlhf::DecodeIsa::none);
+  CHECK(rlhf::small_rows_addmm_max_rows() == 0);
+  CHECK_FALSE(rlhf::small_rows_mm_nt(torch::randn({1, 8}), torch::randn({16, 8})).defined());
 }
 
 TEST_CASE("few-row decode kernels stay out of autograd and follow the switch") {
-  if (!rlhf::detail::avx2_fma()) return;
+  if (rlhf::detail::cpu_decode_isa() == rlhf::DecodeIsa::none) return;
   auto w = torch::randn({8, 16}, torch::requires_grad());
   auto x = torch::randn({1, 8});
   CHECK_FALSE(rlhf::small_rows_addmm({}, x, w).defined());  // the graph is needed: torch's addmm
