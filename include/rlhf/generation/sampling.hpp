@@ -143,7 +143,7 @@ Generation generate(Model& model, const torch::Tensor& prompt_ids, torch::Tensor
       sample_lp = torch::zeros({b}, logits.options());
       logprobs.select(1, step).copy_(logits.gather(-1, token.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1));
     } else {
-      auto scaled = logits / config.temperature;
+      auto scaled = config.temperature == 1.0 ? logits : logits / config.temperature;  // no [B, V] pass at T = 1
       std::tie(token, sample_lp) = detail::draw_token(scaled, uniforms[step], config.top_k, config.top_p);
       logprobs.select(1, step).copy_(scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1));
     }
