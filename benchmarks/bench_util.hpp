@@ -144,17 +144,26 @@ inline void reset_device_peak(torch::Device device) {
 #endif
 }
 
-/// glibc malloc's heap (MiB, every arena): bytes the program holds, and bytes free in the heap (freed chunks and
-/// the top chunk, touched or not: not a measure of resident memory). Zeros where glibc lacks mallinfo2 (before
-/// 2.33).
+/// malloc's heap (MiB): bytes the program holds, and bytes free in the heap (glibc: freed chunks and the top chunk
+/// of every arena, touched or not; tcmalloc: its page heap's free pages still mapped), so not a measure of resident
+/// memory. Zeros where neither is readable (glibc before 2.33 lacks mallinfo2).
 struct HeapUsage {
   double in_use_mb = 0, free_mb = 0;
 };
 
 inline HeapUsage heap_usage() {
+  constexpr double kMiB = 1024.0 * 1024.0;
+  if (rlhf::detail::malloc_is_tcmalloc()) {
+    using Property = int (*)(const char*, size_t*);
+    static const auto property = reinterpret_cast<Property>(dlsym(RTLD_DEFAULT, "MallocExtension_GetNumericProperty"));
+    size_t in_use = 0, free = 0;
+    if (!property || !property("generic.current_allocated_bytes", &in_use) ||
+        !property("tcmalloc.pageheap_free_bytes", &free))
+      return {};
+    return {static_cast<double>(in_use) / kMiB, static_cast<double>(free) / kMiB};
+  }
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
   const struct mallinfo2 m = ::mallinfo2();
-  constexpr double kMiB = 1024.0 * 1024.0;
   return {static_cast<double>(m.uordblks + m.hblkhd) / kMiB, static_cast<double>(m.fordblks) / kMiB};
 #else
   return {};

@@ -269,9 +269,10 @@ int main(int argc, char** argv) {
     stages[3].peak_mb = sampler.max_between(first.to - first.stats.seconds_training, first.to);
   }
 
-  fmt::print("rlhf ppo_phase: shape {} ({} layers, {} wide, {} heads, vocab {}), {} on {}, {} threads, BLAS {}\n",
+  fmt::print("rlhf ppo_phase: shape {} ({} layers, {} wide, {} heads, vocab {}), {} on {}, {} threads, BLAS {}, "
+             "malloc {}\n",
              a.shape, gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.vocab_size, a.precision, device.str(),
-             runtime.threads, runtime.blas_is_openmp_openblas ? "OpenMP OpenBLAS" : runtime.blas);
+             runtime.threads, runtime.blas_is_openmp_openblas ? "OpenMP OpenBLAS" : runtime.blas, runtime.allocator);
   fmt::print("{} prompts x {} tokens, {} new tokens, {} minibatches x {} epochs; copy bandwidth {:.1f} GB/s, "
              "matmul ceiling fp32 {:.3f} / bf16 {:.3f} TFLOP/s\n",
              a.prompts, a.prompt_tokens, a.new_tokens, a.minibatches, a.epochs, bandwidth / 1e9, ceiling_fp32 / 1e12,
@@ -356,6 +357,7 @@ int main(int argc, char** argv) {
       {"precision", a.precision},
       {"device", device.str()},
       {"threads", runtime.threads},
+      {"allocator", runtime.allocator},
       {"prompts", a.prompts},
       {"prompt_tokens", a.prompt_tokens},
       {"new_tokens", a.new_tokens},

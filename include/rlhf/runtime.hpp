@@ -21,7 +21,8 @@ namespace rlhf {
 /// What configure_runtime() should set.
 struct RuntimeOptions {
   int threads = 0;           ///< intra-op threads for torch and OpenBLAS; 0 = every core (nproc), e.g. 2
-  bool keep_memory = true;   ///< keep glibc malloc from returning big buffers to the OS after every op
+  bool keep_memory = true;   ///< keep glibc malloc from returning big buffers to the OS after every op (nothing
+                             ///< to do under tcmalloc, which keeps freed pages a while by itself)
 };
 
 /// What configure_runtime() found and set.
@@ -29,7 +30,8 @@ struct RuntimeInfo {
   int threads = 1;           ///< intra-op threads now in use
   std::string blas;          ///< the BLAS libraries loaded, e.g. ".../openblas-openmp/libblas.so.3, ..."
   bool blas_is_openmp_openblas = false;  ///< the fast choice on CPU (shares torch's OpenMP threads)
-  bool malloc_tuned = false; ///< whether malloc was told to keep big buffers
+  bool malloc_tuned = false; ///< whether glibc malloc was told to keep big buffers
+  std::string allocator;     ///< the process's malloc: "tcmalloc" (the project's programs link it) or "glibc"
 
   /// A line saying what is slow and how to fix it, or empty when the set-up is the fast one.
   std::string warning() const {
@@ -66,6 +68,13 @@ inline std::vector<std::string> loaded_blas_paths() {
   return found;
 }
 
+/// Whether the process's malloc is tcmalloc's (linked into the program or preloaded): the global `malloc` is
+/// then tcmalloc's own entry point.
+inline bool malloc_is_tcmalloc() {
+  void* tc = dlsym(RTLD_DEFAULT, "tc_malloc");
+  return tc && tc == dlsym(RTLD_DEFAULT, "malloc");
+}
+
 }  // namespace detail
 
 /// Waits until the work queued on `device` has run (CUDA launches are asynchronous); nothing on the CPU. Host-clock
@@ -74,7 +83,8 @@ inline void synchronize(torch::Device device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.has_index() ? device.index() : -1);
 }
 
-/// Sets torch's and OpenBLAS's thread counts, tunes malloc for large tensors, and reports the BLAS in use.
+/// Sets torch's and OpenBLAS's thread counts, tunes glibc malloc for large tensors (under tcmalloc there is nothing
+/// to tune), and reports the BLAS and the malloc in use.
 /// Call once at the start of a program (the library's tools do). Without it torch may run on one thread.
 inline RuntimeInfo configure_runtime(const RuntimeOptions& options = {}) {
   RuntimeInfo info;
@@ -85,8 +95,9 @@ inline RuntimeInfo configure_runtime(const RuntimeOptions& options = {}) {
   using SetThreads = void (*)(int);
   if (auto set_blas = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
     set_blas(info.threads);
+  info.allocator = detail::malloc_is_tcmalloc() ? "tcmalloc" : "glibc";
 #if defined(__GLIBC__)
-  if (options.keep_memory) {
+  if (options.keep_memory && info.allocator == "glibc") {
     // Large tensors are otherwise mmap'ed and unmapped on every op: a page-fault storm on CPU training.
     mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
