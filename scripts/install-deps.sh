@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config ccache git ca-certificates
-  libtorch-dev libopenblas0-openmp libtcmalloc-minimal4
+  libtorch-dev libopenblas0-openmp libgoogle-perftools-dev
   libeigen3-dev doctest-dev libfmt-dev nlohmann-json3-dev libcli11-dev libpcre2-dev libsqlite3-dev
   libprotobuf-dev libboost-dev libcairo2-dev fonts-dejavu-core libtomlplusplus-dev
 )
