@@ -41,6 +41,7 @@ struct Args {
   uint64_t seed = 1;
   int threads = 0;
   bool batch1 = true;
+  bool recompute_old_logprobs = false;
 };
 
 int64_t numel(const std::vector<torch::Tensor>& params) {
@@ -53,10 +54,12 @@ int64_t numel(const std::vector<torch::Tensor>& params) {
 // implementation so that TFLOP/s compare) ----
 //
 // B prompts of P tokens (BOS included), G new tokens, T = P + G, mb = B / minibatches, U = minibatches x epochs.
-//   generation: the prompt forward (B x P tokens, context P), G - 1 one-token forwards (context P + 1 ... P + G - 1)
-//               and the vocabulary projection of the last position at each of the G steps.
-//   reference:  the policy forward over B x T tokens with values and log-probs of the G generated positions, and the
-//               reference forward over B x T tokens with log-probs of the same positions.
+//   generation: the prompt forward (B x P tokens, context P), G - 1 one-token forwards (context P + 1 ... P + G - 1),
+//               the vocabulary projection and the value head of the last position at each of the G steps: the
+//               policy's old log-probs and values need no other forward.
+//   reference:  the reference forward over B x T tokens with log-probs of the G generated positions. (A second
+//               policy forward for the old log-probs, as the seed notebook and --recompute-old-logprobs run, is
+//               work the phase does not need and is not counted.)
 //   reward:     none (a text function).
 //   training:   per update, forward + backward (3x the forward) of the policy over mb x T tokens, the value head and
 //               the vocabulary projection at mb x G positions, plus the reference vocabulary projection of the same
@@ -69,10 +72,9 @@ StageFlops phase_flops(const rlhf::GPT2Config& c, const Args& a) {
   const double b = a.prompts, p = a.prompt_tokens, g = a.new_tokens, t = p + g;
   const double mb = b / a.minibatches, updates = a.minibatches * a.epochs;
   StageFlops f;
-  f.generation = bench::block_flops(c, b * p, p) + bench::vocab_flops(c, b * g);
+  f.generation = bench::block_flops(c, b * p, p) + bench::vocab_flops(c, b * g) + bench::value_head_flops(c, b * g);
   for (int64_t s = 1; s < a.new_tokens; ++s) f.generation += bench::block_flops(c, b, p + s);
-  f.reference =
-      2 * bench::block_flops(c, b * t, t) + bench::value_head_flops(c, b * g) + 2 * bench::vocab_flops(c, b * g);
+  f.reference = bench::block_flops(c, b * t, t) + bench::vocab_flops(c, b * g);
   const double forward =
       bench::block_flops(c, mb * t, t) + bench::value_head_flops(c, mb * g) + bench::vocab_flops(c, mb * g);
   f.training = updates * (3 * forward + bench::vocab_flops(c, mb * g));
@@ -138,6 +140,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", a.threads, "0 = all cores");
   app.add_option("--json", a.json_path, "also write the JSON result to this file");
   app.add_flag("!--no-batch1", a.batch1, "skip the batch-1 sampling measurement");
+  app.add_flag("--recompute-old-logprobs", a.recompute_old_logprobs,
+               "a second policy forward for the old log-probs and values (PPOConfig::recompute_old_logprobs)");
   CLI11_PARSE(app, argc, argv);
   if (a.prompt_tokens < 2 || a.prompts % a.minibatches != 0 || a.phases < 1) {
     fmt::print(stderr, "ppo_phase: need --prompt-tokens >= 2, --prompts divisible by --minibatches, --phases >= 1\n");
@@ -173,7 +177,8 @@ int main(int argc, char** argv) {
                          .batches_per_learning_phase = a.epochs,
                          .gen_len = a.new_tokens,
                          .prepend_bos = true,
-                         .precision = rlhf::parse_precision(a.precision, "--precision")};
+                         .precision = rlhf::parse_precision(a.precision, "--precision"),
+                         .recompute_old_logprobs = a.recompute_old_logprobs};
   config.total_phases = std::max<int64_t>(config.total_phases, a.phases + config.warmup_steps + 1);
   auto reward = rlhf::FunctionReward([](const std::string& text) { return bench::letter_e_share(text); });
   torch::manual_seed(static_cast<int64_t>(a.seed));
@@ -254,7 +259,7 @@ int main(int argc, char** argv) {
   std::vector<Stage> stages = {
       {"generation", stats.seconds_generation, flops.generation, gen_bytes, b * g},
       {"reward", stats.seconds_reward, 0.0, 0.0, b * g},
-      {"reference", stats.seconds_reference, flops.reference, 0.0, 2 * b * t},
+      {"reference", stats.seconds_reference, flops.reference, 0.0, (a.recompute_old_logprobs ? 2 : 1) * b * t},
       {"training", stats.seconds_training, flops.training, adam_bytes,
        static_cast<double>(a.minibatches * a.epochs) * mb * t}};
   {

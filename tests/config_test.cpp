@@ -308,7 +308,8 @@ TEST_CASE("config: unknown keys are errors with a did-you-mean hint") {
                        "warmup_steps, final_scale, clip_coef, vf_coef, ent_coef, gen_len, temperature, top_k, top_p, "
                        "stop_at_eos, prefix, prepend_bos, kl_coef, normalize_reward, reward_scale, reward_clip, "
                        "gamma, lambda, whiten_advantages, clip_value, kl_placement, kl_estimator, target_kl, "
-                       "train_dropout, precision, reference_bf16, freeze, layer_lr_decay",
+                       "train_dropout, precision, reference_bf16, recompute_old_logprobs, freeze, "
+                       "layer_lr_decay",
                        Error);
   rlhf::LoRAOptions lora;
   CHECK_THROWS_WITH_AS(bind_config(json{{"rank", 8}}, lora, "run.json", "lora"),
@@ -435,7 +436,7 @@ TEST_CASE("config: every field of the library's structs is listed") {
   CHECK(sorted(listed_fields<rlhf::LoRAOptions>()) == sorted(declared_fields("adapters/lora.hpp", "LoRAOptions")));
   CHECK(sorted(listed_fields<rlhf::SamplingConfig>()) ==
         sorted(declared_fields("generation/sampling.hpp", "SamplingConfig")));
-  CHECK(to_json_config(rlhf::PPOConfig{}).size() == 37);
+  CHECK(to_json_config(rlhf::PPOConfig{}).size() == 38);
   CHECK(to_json_config(rlhf::PPOConfig{}).at("freeze").size() == 2);
   CHECK(to_json_config(rlhf::SamplingConfig{}).size() == 8);
   CHECK(to_json_config(rlhf::LoRAOptions{}).size() == 2);
@@ -478,6 +479,7 @@ TEST_CASE("config: a non-default PPOConfig round-trips through to_json_config, a
   x.train_dropout = true;
   x.precision = rlhf::Precision::bf16;
   x.reference_bf16 = true;
+  x.recompute_old_logprobs = true;
   x.freeze.embeddings = true;
   x.freeze.first_blocks = 6;
   x.layer_lr_decay = 0.9;
@@ -508,7 +510,7 @@ TEST_CASE("config: a non-default PPOConfig round-trips through to_json_config, a
 
 TEST_CASE("config: describe_fields documents every key with type, default and description") {
   const auto rows = describe_fields<rlhf::PPOConfig>();
-  CHECK(rows.size() == 38);  // 36 leaf fields + freeze's 2
+  CHECK(rows.size() == 39);  // 37 leaf fields + freeze's 2
   CHECK(rows.front() == FieldInfo{"seed", "uint64", "1", "seeds sampling and minibatch shuffling"});
   const auto find = [&](std::string_view key) {
     auto it = std::find_if(rows.begin(), rows.end(), [&](const FieldInfo& row) { return row.key == key; });

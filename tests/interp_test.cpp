@@ -379,7 +379,9 @@ TEST_CASE("shift recorder: the shifts of a step sum to the applied update with c
     REQUIRE(runs[1].size() == 4);
     for (size_t i = 0; i < 4; ++i) {
       CAPTURE(runs[0][i].name);
-      CHECK(rel_error(runs[1][i].data, runs[0][i].data) < 1e-4);
+      // The shares pass through AdamW's 1 / sqrt(v), which amplifies the rounding of other GEMM shapes where a
+      // weight's gradient nearly cancels: 1e-5 to 1e-3 depending on the BLAS kernel. A wrong row mapping is O(1).
+      CHECK(rel_error(runs[1][i].data, runs[0][i].data) < 5e-3);
       CHECK(rel_error(runs[1][i].data.sum(0) + runs[1][i].momentum + runs[1][i].decay, runs[1][i].applied) <
             sum_tolerance(runs[1][i].name));
     }

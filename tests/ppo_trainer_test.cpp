@@ -95,6 +95,41 @@ TEST_CASE("ppo trainer: a bf16 reference copy gives the fp32 reference's KL") {
   CHECK(kl[1] == doctest::Approx(kl[0]).epsilon(0.1));
 }
 
+TEST_CASE("ppo trainer: old log-probs and values from the rollout equal a second forward's") {
+  // The same phases twice from the same model and seeds: once taking the old log-probs and values from sampling's
+  // forward passes (the default), once from a separate forward (the seed notebook's way). They differ only by
+  // floating-point rounding, so every statistic and every parameter agrees to that.
+  auto reward = rlhf::FunctionReward(count_digits);
+  std::vector<std::vector<rlhf::PhaseStats>> runs;
+  std::vector<std::map<std::string, torch::Tensor>> parameters;
+  for (bool recompute : {false, true}) {
+    rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);
+    config.recompute_old_logprobs = recompute;
+    rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL> trainer(
+        tiny_byte_policy(6), reward, config, rlhf::GPT2Tokenizer::byte_level());
+    runs.emplace_back();
+    for (int i = 0; i < 3; ++i) runs.back().push_back(trainer.step());
+    parameters.emplace_back();
+    for (const auto& item : trainer.policy()->named_parameters()) parameters.back().emplace(item.key(), item.value());
+  }
+  for (size_t i = 0; i < runs[0].size(); ++i) {
+    const auto &reused = runs[0][i], &recomputed = runs[1][i];
+    CAPTURE(i);
+    CHECK(reused.reward_mean == recomputed.reward_mean);  // the same samples
+    CHECK(reused.kl == doctest::Approx(recomputed.kl).epsilon(1e-4));
+    CHECK(reused.policy_loss == doctest::Approx(recomputed.policy_loss).epsilon(1e-3));
+    CHECK(reused.value_loss == doctest::Approx(recomputed.value_loss).epsilon(1e-4));
+    CHECK(reused.explained_variance == doctest::Approx(recomputed.explained_variance).epsilon(1e-4));
+    CHECK(reused.approx_kl == doctest::Approx(recomputed.approx_kl).epsilon(1e-3));
+  }
+  CHECK(runs[0].back().kl > 0.01);  // the policy has moved away from the reference
+  double largest = 0;
+  for (const auto& [name, value] : parameters[0])
+    largest = std::max(largest, (value - parameters[1].at(name)).abs().max().item<double>());
+  MESSAGE("largest parameter difference after 3 phases: " << largest);
+  CHECK(largest < 1e-4);
+}
+
 TEST_CASE("ppo trainer: bad input is refused") {
   auto reward = rlhf::FunctionReward([](const std::string& s) { return s.empty() ? 0.0 : std::nan(""); });
   rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);

@@ -50,6 +50,20 @@ TEST_CASE("generate: seeded, cached sampling consistent with the full forward") 
     // Under top-k truncation the sampled distribution is renormalised: its log-probs are larger.
     CHECK((gen.sampling_logprobs >= gen.logprobs - 1e-6).all().item<bool>());
   }
+  SUBCASE("the step observer sees the full forward's final-layernorm outputs of the predicting positions") {
+    std::vector<int64_t> steps;
+    std::vector<torch::Tensor> seen;  // [B, D] per step
+    auto observed = rlhf::generate(*model, prompts, mask, config, [&](int64_t step, const torch::Tensor& hidden) {
+      steps.push_back(step);
+      seen.push_back(hidden.clone());
+    });
+    CHECK(torch::equal(observed.ids, gen.ids));  // observing changes nothing
+    CHECK(steps == std::vector<int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
+    model->eval();
+    torch::NoGradGuard no_grad;
+    auto full = model->forward(gen.ids, gen.attention_mask).narrow(1, 4, 8);  // positions P - 1 ... P + G - 2
+    CHECK((torch::stack(seen, 1) - full).abs().max().item<float>() < 1e-5);
+  }
   SUBCASE("a padded row samples what it samples alone") {
     config.top_k = 1;  // greedy: independent of the random draws of the other row
     auto together = rlhf::generate(*model, prompts, mask, config);

@@ -504,8 +504,8 @@ def stage_flops(shape, a):
     def head(positions):
         return 2.0 * positions * (4 * d * d + 4 * d)
 
-    generation = blocks(b * p, p) + vocab(b * g) + sum(blocks(b, p + s) for s in range(1, g))
-    reference = 2 * blocks(b * t, t) + head(b * g) + 2 * vocab(b * g)
+    generation = blocks(b * p, p) + vocab(b * g) + head(b * g) + sum(blocks(b, p + s) for s in range(1, g))
+    reference = blocks(b * t, t) + vocab(b * g)
     forward = blocks(mb * t, t) + head(mb * g) + vocab(mb * g)
     return dict(generation=generation, reward=0.0, reference=reference,
                 training=updates * (3 * forward + vocab(mb * g)))

@@ -19,6 +19,7 @@
 #include <torch/torch.h>
 
 #include <rlhf/adapters/adapter.hpp>
+#include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>
@@ -113,7 +114,8 @@ class LoRAConv1DImpl : public torch::nn::Module {
     auto flat = x.reshape({-1, options_.in_features});  // [N, in]
     auto shape = x.sizes().vec();
     shape.back() = options_.out_features;
-    auto y = torch::addmm(bias, flat, weight);  // [N, out]
+    auto y = small_rows_addmm(bias, flat, weight);  // decoding steps: one pass over W, as Conv1D (small_matmul.hpp)
+    if (!y.defined()) y = torch::addmm(bias, flat, weight);  // [N, out]
     // The delta is added when the adapter is on and not merged, subtracted when merged but disabled.
     const double sign = !has_adapter() ? 0.0 : merged_ ? (enabled() ? 0.0 : -1.0) : (enabled() ? 1.0 : 0.0);
     if (sign != 0.0) {

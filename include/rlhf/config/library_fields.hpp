@@ -95,6 +95,8 @@ void visit_fields(PPOConfig& c, V&& v) {
   v("train_dropout", c.train_dropout, "keep dropout on in learning forwards (always off in rollouts)");
   v("precision", c.precision, "bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses)");
   v("reference_bf16", c.reference_bf16, "store the frozen reference copy in bf16 (full fine-tuning only)");
+  v("recompute_old_logprobs", c.recompute_old_logprobs,
+    "a second policy forward after sampling for old log-probs and values; false = the sampling's own");
   v("freeze", c.freeze, "parts of the base model kept frozen");
   v("layer_lr_decay", c.layer_lr_decay,
     "block i learns at base_lr x decay^(n_layer - i), embeddings at base_lr x decay^(n_layer + 1); 1 = off");

@@ -2,6 +2,7 @@
 /// @file Batched sampling with a KV cache: temperature, top-k, top-p, EOS handling, a seed per call.
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <optional>
 
@@ -96,14 +97,19 @@ inline std::pair<torch::Tensor, torch::Tensor> draw_token(const torch::Tensor& s
 
 }  // namespace detail
 
+/// Sees the final-layernorm outputs [B, D] that predict decoding step `step`'s tokens (position P - 1 + step of
+/// every row), under the sampling's inference mode and autocast; e.g. PPOTrainer runs its value head on them.
+using StepHiddenObserver = std::function<void(int64_t step, const torch::Tensor& hidden)>;
+
 /// Samples `config.max_new_tokens` tokens after each prompt with a KV cache, under inference mode and with dropout
 /// off (the model's training flag is restored afterwards).
 /// `prompt_ids` [B, P] left-padded, `prompt_mask` [B, P] (1 = real token; undefined = no padding).
 /// `Model` provides `forward(ids, mask, KVCache*) -> hidden [B, T, D]`, `logits(hidden) -> [..., V]`,
-/// `new_cache(batch, capacity)` and `config().n_positions` (GPT2Impl does).
+/// `new_cache(batch, capacity)` and `config().n_positions` (GPT2Impl does). `on_hidden`, when set, is called once
+/// per decoding step before its tokens are drawn (not for steps skipped after every row ended at EOS).
 template <class Model>
 Generation generate(Model& model, const torch::Tensor& prompt_ids, torch::Tensor prompt_mask,
-                    const SamplingConfig& config) {
+                    const SamplingConfig& config, const StepHiddenObserver& on_hidden = {}) {
   config.validate();
   if (prompt_ids.dim() != 2 || prompt_ids.size(0) == 0 || prompt_ids.size(1) == 0)
     detail::fail("generate: prompt_ids must be a non-empty [batch, seq] tensor");
@@ -136,7 +142,9 @@ Generation generate(Model& model, const torch::Tensor& prompt_ids, torch::Tensor
   auto hidden = model.forward(prompt_ids, mask.narrow(1, 0, p), &cache);  // [B, P, D]
   int64_t produced = 0;
   for (int64_t step = 0; step < g; ++step) {
-    auto logits = model.logits(hidden.select(1, hidden.size(1) - 1));  // [B, V] fp32
+    auto last = hidden.select(1, hidden.size(1) - 1);  // [B, D]
+    if (on_hidden) on_hidden(step, last);
+    auto logits = model.logits(last);  // [B, V] fp32
     torch::Tensor token, sample_lp;
     if (config.temperature == 0) {
       token = logits.argmax(-1);

@@ -60,6 +60,10 @@ struct PPOConfig {
   Precision precision = Precision::fp32;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses)
   bool reference_bf16 = false;            ///< store the frozen reference copy in bf16 (half its memory; full
                                           ///< fine-tuning only: an adapter policy has no copy)
+  bool recompute_old_logprobs = false;    ///< run a second no-grad forward of the policy after sampling for the
+                                          ///< old log-probs and values (the seed notebook, TRL); false takes them
+                                          ///< from the sampling's own forward passes: the same weights and
+                                          ///< positions, equal up to floating-point rounding, one forward fewer
   FreezeOptions freeze;                   ///< embeddings / first blocks of the base model kept frozen
   double layer_lr_decay = 1.0;            ///< block i learns at base_lr x decay^(n_layer - i), embeddings at
                                           ///< base_lr x decay^(n_layer + 1); 1 = one rate for the whole base

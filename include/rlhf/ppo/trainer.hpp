@@ -291,9 +291,18 @@ class PPOTrainer {
                             .top_k = config_.top_k, .top_p = config_.top_p, .stop_at_eos = config_.stop_at_eos,
                             .eos_id = tokenizer_.eos_id(), .pad_id = tokenizer_.eos_id(),
                             .seed = config_.seed * 1000003ULL + static_cast<uint64_t>(phase_)};
+    const bool from_rollout = !config_.recompute_old_logprobs;
+    torch::Tensor old_values;  // [B, G]: the value head on the final-layernorm outputs sampling computes
+    if (from_rollout)
+      old_values = torch::zeros({prompt_ids.size(0), config_.gen_len}, torch::dtype(torch::kFloat).device(device));
     Generation gen = [&] {
       AutocastScope autocast(config_.precision, device);
-      return generate(base, prompt_ids.to(device), prompt_mask.to(device), sampling);
+      StepHiddenObserver values_of_step;
+      if (from_rollout)
+        values_of_step = [&](int64_t step, const torch::Tensor& hidden) {  // hidden [B, D]
+          old_values.select(1, step).copy_(policy_->values(hidden.unsqueeze(1)).squeeze(1));
+        };
+      return generate(base, prompt_ids.to(device), prompt_mask.to(device), sampling, values_of_step);
     }();
     synchronize(device);
     stats.seconds_generation = detail::seconds_since(start);
@@ -318,16 +327,20 @@ class PPOTrainer {
     for (int64_t i = 0; i < std::min<int64_t>(batch, 4); ++i) stats.samples.push_back(rollout.completions[i]);
 
     // ---- reference, old log-probs and values (no gradients) ----
+    // The old log-probs and values come from the sampling's forward passes (the policy, in eval mode, at the same
+    // positions), or from a second forward when recompute_old_logprobs is set.
     start = std::chrono::steady_clock::now();
-    torch::Tensor old_logprobs, old_values, ref_logprobs, ref_hidden;
+    torch::Tensor old_logprobs = gen.logprobs, ref_logprobs, ref_hidden;  // [B, G]
     {
       torch::NoGradGuard no_grad;
       AutocastScope autocast(config_.precision, device);
-      policy_->eval();
       const int64_t chunk = config_.minibatch_size();
-      auto hidden = policy_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g);  // [B, G, D]
-      old_values = policy_->values(hidden);                                            // [B, G]
-      old_logprobs = detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk);
+      policy_->eval();  // no dropout: an adapter policy's base is also the reference
+      if (!from_rollout) {
+        auto hidden = policy_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g);  // [B, G, D]
+        old_values = policy_->values(hidden);                                            // [B, G]
+        old_logprobs = detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk);
+      }
       std::tie(ref_hidden, ref_logprobs) = reference_logprobs(gen.ids, gen.attention_mask, tokens, p, chunk);
     }
     synchronize(device);
@@ -351,7 +364,7 @@ class PPOTrainer {
     const double scale = config_.lr_scale(phase_);
     optimizer_.set_scale(scale);
     stats.learning_rate = config_.base_lr * scale;
-    if (config_.train_dropout) policy_->train();
+    policy_->train(config_.train_dropout);  // dropout only when asked, whatever mode the caller left the policy in
     const int64_t mbs = config_.minibatch_size();
     double sum_pg = 0, sum_vf = 0, sum_ent = 0, sum_clip = 0, sum_vclip = 0, sum_akl = 0, sum_kl = 0;
     bool stop = false;
