@@ -130,6 +130,31 @@ TEST_CASE("ppo trainer: old log-probs and values from the rollout equal a second
   CHECK(largest < 1e-4);
 }
 
+TEST_CASE("ppo trainer: dropout stays off unless train_dropout, whatever mode the policy is left in") {
+  // The model has dropout 0.1. A policy handed over in training mode (as modules start) and one put in eval mode
+  // must run the same phases: neither the rollout, the reference (the policy's own base for adapter policies) nor
+  // the learning forwards may use dropout when train_dropout is off.
+  auto reward = rlhf::FunctionReward(count_digits);
+  std::vector<std::map<std::string, torch::Tensor>> parameters;
+  std::vector<double> losses;
+  for (bool training : {true, false}) {
+    auto policy = tiny_byte_policy(8);
+    policy->train(training);
+    rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::loss);
+    config.total_phases = 3;
+    rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL> trainer(
+        policy, reward, config, rlhf::GPT2Tokenizer::byte_level());
+    losses.push_back(trainer.step().policy_loss);
+    parameters.emplace_back();
+    for (const auto& item : policy->named_parameters()) parameters.back().emplace(item.key(), item.value());
+  }
+  CHECK(losses[0] == losses[1]);
+  for (const auto& [name, value] : parameters[0]) {
+    CAPTURE(name);
+    CHECK(torch::equal(value, parameters[1].at(name)));
+  }
+}
+
 TEST_CASE("ppo trainer: bad input is refused") {
   auto reward = rlhf::FunctionReward([](const std::string& s) { return s.empty() ? 0.0 : std::nan(""); });
   rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);
