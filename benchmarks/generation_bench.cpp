@@ -1,8 +1,10 @@
-// Sampling speed with the KV cache: new tokens/s at batch 1 and 16 for GPT-2-small shapes (random weights), in fp32
-// and bf16, with the batch-1 memory-bandwidth floor (bytes of weights read per token / measured copy bandwidth).
+// Sampling speed with the KV cache: new tokens/s at batch 1 and 16 for GPT-2-small shapes (random weights), in fp32,
+// in bf16 (bf16 weights) and under bf16 autocast (fp32 weights, as PPOConfig::precision = bf16 samples), with the
+// batch-1 memory-bandwidth floor (bytes of weights read per token / measured copy bandwidth; bf16 bytes for bf16 and
+// autocast, which decode from bf16 copies of the weights).
 //
 //   generation_bench [--layers 12 --width 768 --heads 12 --vocab 50257] [--new-tokens 32] [--batch 1 16]
-//                    [--dtype fp32 bf16] [--decode-isa avx512|avx2|none] [--threads N]
+//                    [--dtype fp32 bf16 autocast] [--decode-isa avx512_bf16|avx512|avx2|none] [--threads N]
 
 #include <chrono>
 #include <map>
@@ -32,19 +34,23 @@ int main(int argc, char** argv) {
   app.add_option("--new-tokens", new_tokens)->capture_default_str();
   app.add_option("--batch", batches, "batch sizes")->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
-  std::vector<std::string> dtypes = {"fp32", "bf16"};
-  app.add_option("--dtype", dtypes, "weight dtypes")->check(CLI::IsMember({"fp32", "bf16"}))->capture_default_str();
+  std::vector<std::string> dtypes = {"fp32", "bf16", "autocast"};
+  app.add_option("--dtype", dtypes, "fp32, bf16 (weights) or autocast (fp32 weights under bf16 autocast)")
+      ->check(CLI::IsMember({"fp32", "bf16", "autocast"}))
+      ->capture_default_str();
   bool kernels = true;
   app.add_flag("!--no-decode-kernels", kernels, "decode with torch's addmm / matmul only (rlhf::set_decode_kernels)");
-  rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512;
-  const std::map<std::string, rlhf::DecodeIsa> isas{
-      {"avx512", rlhf::DecodeIsa::avx512}, {"avx2", rlhf::DecodeIsa::avx2}, {"none", rlhf::DecodeIsa::none}};
+  rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512_bf16;
+  const std::map<std::string, rlhf::DecodeIsa> isas{{"avx512_bf16", rlhf::DecodeIsa::avx512_bf16},
+                                                    {"avx512", rlhf::DecodeIsa::avx512},
+                                                    {"avx2", rlhf::DecodeIsa::avx2},
+                                                    {"none", rlhf::DecodeIsa::none}};
   app.add_option("--decode-isa", isa_cap, "the best instruction set the decode kernels may use (rlhf::set_decode_isa)")
       ->transform(CLI::CheckedTransformer(isas))
-      ->default_str("avx512");
+      ->default_str("avx512_bf16");
   CLI11_PARSE(app, argc, argv);
   rlhf::set_decode_isa(kernels ? isa_cap : rlhf::DecodeIsa::none);
-  const std::string isa_name[] = {"none", "avx2", "avx512"};
+  const std::string isa_name[] = {"none", "avx2", "avx512", "avx512_bf16"};
 
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
@@ -57,10 +63,12 @@ int main(int argc, char** argv) {
   fmt::print("{:<6} {:>5} {:>12} {:>12} {:>14} {:>8}\n", "dtype", "batch", "tokens/s", "ms/step", "floor ms/step",
              "x floor");
   for (const auto& name : dtypes) {
-    const auto dtype = name == "fp32" ? torch::kFloat : torch::kBFloat16;
+    const auto dtype = name == "bf16" ? torch::kBFloat16 : torch::kFloat;
+    const auto precision = name == "autocast" ? rlhf::Precision::bf16 : rlhf::Precision::fp32;
     model->place(torch::kCPU, dtype);
+    rlhf::AutocastScope autocast(precision, torch::kCPU);
     int64_t weight_bytes = 0;
-    for (const auto& p : model->parameters()) weight_bytes += p.nbytes();
+    for (const auto& p : model->parameters()) weight_bytes += p.numel() * (name == "fp32" ? 4 : 2);
     // Per decoding step every weight is read once (wpe only one row, but it is small).
     const double floor_ms = 1e3 * static_cast<double>(weight_bytes) / bandwidth;
     for (int64_t b : batches) {

@@ -75,7 +75,34 @@ GPT2<> tiny_model(uint64_t seed = 1) {
   return model;
 }
 
+/// tiny_config() with two heads of 8: the fused decode attention takes heads whose width is a multiple of 8.
+GPT2<> tiny_model_wide_heads(uint64_t seed) {
+  auto config = tiny_config();
+  config.n_head = 2;
+  torch::manual_seed(seed);
+  GPT2<> model(config);
+  model->eval();
+  return model;
+}
+
 float max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<float>(); }
+
+/// Puts the decode kernels back to the CPU's best when a test ends.
+struct RestoreDecodeIsa {
+  ~RestoreDecodeIsa() { rlhf::set_decode_kernels(true); }
+};
+
+/// The operand rounded to bf16, in fp64: products of such operands in fp64 are what a bf16 product with fp32 sums
+/// approximates before its result is rounded.
+torch::Tensor bf16_exact(const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kDouble); }
+
+/// Whether bf16 `y` is `exact` rounded to bf16, up to the fp32 arithmetic's own error `slack`: within half a bf16
+/// step (at most 2^-8 relative) plus `slack`. Torch's bf16 products meet the same bound.
+bool bf16_rounding_of(const torch::Tensor& y, const torch::Tensor& exact, double slack = 1e-5) {
+  if (y.scalar_type() != torch::kBFloat16) return false;
+  auto err = (y.to(torch::kDouble) - exact).abs();
+  return (err <= exact.abs() * std::ldexp(1.0, -8) + slack).all().item<bool>();
+}
 
 }  // namespace
 
@@ -270,17 +297,15 @@ TEST_CASE("few-row fp32 decode kernels equal torch's products") {
   c10::InferenceMode inference;
   // Every version this CPU runs: AVX2 always, AVX-512 where the CPU has it.
   std::vector<rlhf::DecodeIsa> isas{rlhf::DecodeIsa::avx2};
-  if (rlhf::detail::cpu_decode_isa() == rlhf::DecodeIsa::avx512) isas.push_back(rlhf::DecodeIsa::avx512);
-  struct RestoreIsa {
-    ~RestoreIsa() { rlhf::set_decode_isa(rlhf::DecodeIsa::avx512); }
-  } restore;
+  if (rlhf::detail::cpu_decode_isa() >= rlhf::DecodeIsa::avx512) isas.push_back(rlhf::DecodeIsa::avx512);
+  RestoreDecodeIsa restore;
   for (auto isa : isas) {
     rlhf::set_decode_isa(isa);
     REQUIRE(rlhf::decode_isa() == isa);
     const int isa_level = static_cast<int>(isa);
     CAPTURE(isa_level);
     const int64_t max_rows = rlhf::small_rows_addmm_max_rows();
-    CHECK(max_rows == (isa == rlhf::DecodeIsa::avx512 ? 64 : 8));
+    CHECK(max_rows == (isa >= rlhf::DecodeIsa::avx512 ? 64 : 8));
     // Column counts with and without a tail past the 16- and 48-wide (addmm) and 4- and 6-row (mm_nt) tiles; k with
     // a tail past 8 and 16.
     for (int64_t k : {8, 13, 20, 96}) {
@@ -346,4 +371,223 @@ TEST_CASE("few-row decode kernels stay out of autograd and follow the switch") {
   rlhf::set_decode_kernels(true);
   CHECK(max_diff(with, without) < 1e-5);
   CHECK(max_diff(with, model->logits(model->forward(ids)).detach()) < 1e-5);
+}
+
+TEST_CASE("fp32 decoding with left padding through the fused attention gives the full forward's logits") {
+  auto model = tiny_model_wide_heads(8);
+  auto ids = torch::randint(0, 37, {3, 9}, torch::kLong);
+  auto mask = torch::ones({3, 9}, torch::kLong);
+  mask.index_put_({0, torch::indexing::Slice(0, 3)}, 0);  // left padding of two rows
+  mask.index_put_({2, 0}, 0);
+  c10::InferenceMode inference;
+  auto full = model->logits(model->forward(ids, mask));
+  auto cache = model->new_cache(3, 9);
+  std::vector<torch::Tensor> parts = {model->logits(model->forward(ids.narrow(1, 0, 4), mask.narrow(1, 0, 4), &cache))};
+  for (int64_t i = 4; i < 9; ++i)
+    parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), mask.narrow(1, 0, i + 1), &cache)));
+  auto stepwise = torch::cat(parts, 1);
+  auto real = mask.to(torch::kBool);  // padded positions' outputs are ignored
+  CHECK(max_diff(stepwise.index({real}), full.index({real})) < 1e-5);
+}
+
+TEST_CASE("bf16 decode kernels round torch's bf16 products") {
+  c10::InferenceMode inference;
+  if (rlhf::detail::cpu_decode_isa() < rlhf::DecodeIsa::avx512_bf16) {
+    // Without AVX512-BF16 (and BW, VL) bf16 products stay with torch, also inside a pack scope.
+    rlhf::DecodePackScope packs;
+    CHECK_FALSE(rlhf::small_rows_addmm({}, torch::randn({1, 8}, torch::kBFloat16), torch::randn({8, 16}, torch::kBFloat16))
+                    .defined());
+    return;
+  }
+  torch::manual_seed(11);
+  RestoreDecodeIsa restore;
+  // bf16 weights and inputs, and fp32 ones under bf16 autocast (what PPOConfig::precision = bf16 decodes with).
+  for (bool autocast : {false, true}) {
+    CAPTURE(autocast);
+    rlhf::AutocastScope scope(autocast ? rlhf::Precision::bf16 : rlhf::Precision::fp32, torch::kCPU);
+    auto operand = [&](const torch::Tensor& t) { return autocast ? t : t.to(torch::kBFloat16); };
+    rlhf::DecodePackScope packs;
+    int64_t packed_bytes = 0;
+    // k even and odd (a zero pair partner), n with column tails past the 16-wide vectors and 48-wide panels, row
+    // counts past the 8-row tiles and beyond the fp32 kernels' 64 (prefill)
+    for (int64_t k : {8, 13, 96}) {
+      for (int64_t n : {16, 40, 67, 100}) {
+        CAPTURE(k);
+        CAPTURE(n);
+        auto w = torch::randn({k, n}), bias = torch::randn({n}), e = torch::randn({n, k});
+        auto w_op = operand(w), bias_op = operand(bias), e_op = operand(e);  // the weights, as a model holds them
+        for (int64_t m : {1, 2, 7, 8, 9, 16, 33, 64, 200}) {
+          CAPTURE(m);
+          auto x = torch::randn({m, k});
+          auto y = rlhf::small_rows_addmm(bias_op, operand(x), w_op);
+          REQUIRE(y.defined());
+          // (torch's own bf16 addmm is no reference here: it is 0.46 relative off at 9 x 8 x 16, and more than a
+          // rounding off at most shapes)
+          CHECK(bf16_rounding_of(y, torch::addmm(bf16_exact(bias), bf16_exact(x), bf16_exact(w))));
+          CHECK(bf16_rounding_of(rlhf::small_rows_addmm({}, operand(x), w_op), torch::mm(bf16_exact(x), bf16_exact(w))));
+          auto y_nt = rlhf::small_rows_mm_nt(operand(x), e_op);
+          REQUIRE(y_nt.defined());
+          CHECK(bf16_rounding_of(y_nt, torch::mm(bf16_exact(x), bf16_exact(e).t())));
+        }
+        // each weight packed once, in panels of 48 columns and pairs of k: w and e^T
+        packed_bytes += 2 * ((n + 47) / 48) * ((k + 1) / 2) * 48 * 2 * 2;
+        CHECK(packs.bytes() == packed_bytes);
+      }
+    }
+    // What stays with torch: no open pack scope (a fresh pack per product would cost more than it saves), the
+    // kernels capped below AVX512-BF16, fp32 operands without autocast.
+    auto x = operand(torch::randn({2, 8})), w = operand(torch::randn({8, 16}));
+    {
+      rlhf::DecodePackScope inner;  // scopes nest: the inner one packs for itself
+      CHECK(rlhf::small_rows_addmm({}, x, w).defined());
+      CHECK(inner.bytes() > 0);
+    }
+    rlhf::set_decode_isa(rlhf::DecodeIsa::avx512);
+    CHECK_FALSE(rlhf::small_rows_addmm({}, x, w).defined());
+    rlhf::set_decode_kernels(true);
+  }
+  CHECK_FALSE(rlhf::DecodePackScope::active());
+  {
+    rlhf::DecodePackScope packs;
+    CHECK(rlhf::DecodePackScope::active() == &packs);
+    auto y = rlhf::small_rows_addmm({}, torch::randn({2, 8}), torch::randn({8, 16}));  // fp32: the fp32 kernels
+    REQUIRE(y.defined());
+    CHECK((y.scalar_type() == torch::kFloat));
+    CHECK(packs.bytes() == 0);
+  }
+}
+
+TEST_CASE("bf16 decode kernels pack a weight again when it changes") {
+  if (rlhf::detail::cpu_decode_isa() < rlhf::DecodeIsa::avx512_bf16) return;  // the case above checks the decline
+  torch::manual_seed(12);
+  auto w = torch::randn({8, 16}, torch::requires_grad());
+  auto x = torch::randn({3, 8});
+  rlhf::AutocastScope scope(rlhf::Precision::bf16, torch::kCPU);
+  torch::NoGradGuard no_grad;
+  rlhf::DecodePackScope packs;
+  CHECK(bf16_rounding_of(rlhf::small_rows_addmm({}, x, w), torch::mm(bf16_exact(x), bf16_exact(w))));
+  w.mul_(-2.0);  // an optimiser step: in place, the version counter moves
+  CHECK(bf16_rounding_of(rlhf::small_rows_addmm({}, x, w), torch::mm(bf16_exact(x), bf16_exact(w))));
+  w.set_data(torch::randn({8, 16}));  // new storage (Module::to)
+  CHECK(bf16_rounding_of(rlhf::small_rows_addmm({}, x, w), torch::mm(bf16_exact(x), bf16_exact(w))));
+  CHECK(packs.bytes() == 1 * 4 * 48 * 2 * 2);  // the latest pack only
+}
+
+TEST_CASE("fused decode attention equals torch's operators") {
+  c10::InferenceMode inference;
+  const int64_t b = 3, h = 4, dh = 16, s = 9, capacity = 12;
+  const double scale = 0.25;
+  auto bias = torch::zeros({b, 1, 1, s});
+  bias.index_put_({0, 0, 0, 2}, -INFINITY);  // a padded key of row 0
+  bias.index_put_({1, 0, 0, torch::indexing::Slice(0, 4)}, -INFINITY);  // row 1's first four keys
+  if (rlhf::detail::cpu_decode_isa() < rlhf::DecodeIsa::avx2) {
+    CHECK_FALSE(rlhf::decode_attention(torch::randn({b, h, 1, dh}), torch::randn({b, h, s, dh}),
+                                       torch::randn({b, h, s, dh}), bias, scale)
+                    .defined());
+    return;
+  }
+  torch::manual_seed(13);
+  for (auto q_dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (auto kv_dtype : {torch::kFloat, torch::kBFloat16}) {
+      CAPTURE(q_dtype);
+      CAPTURE(kv_dtype);
+      // as the model hands them over: q a strided slice of the fused projection, k and v views of the cache
+      auto q = torch::randn({b, 1, 3, h, dh}).to(q_dtype).permute({2, 0, 3, 1, 4})[0];  // [B, H, 1, Dh]
+      auto keys = torch::randn({b, h, capacity, dh}).to(kv_dtype), values = torch::randn({b, h, capacity, dh}).to(kv_dtype);
+      auto k = keys.narrow(2, 0, s), v = values.narrow(2, 0, s);
+      auto out = rlhf::decode_attention(q, k, v, bias, scale);
+      REQUIRE(out.defined());
+      CHECK(out.sizes() == torch::IntArrayRef({b, h, 1, dh}));
+      CHECK((out.scalar_type() == kv_dtype));
+      CHECK(out.transpose(1, 2).is_contiguous());  // the heads' concatenation needs no copy
+      auto scores = (q.to(torch::kDouble) * k.to(torch::kDouble)).sum(-1).mul(scale).unsqueeze(2) + bias;
+      auto expected = (torch::softmax(scores, -1).transpose(-2, -1) * v.to(torch::kDouble)).sum(2, true);
+      if (kv_dtype == torch::kBFloat16)
+        CHECK(bf16_rounding_of(out, expected));
+      else
+        CHECK(max_diff(out.to(torch::kDouble), expected) < 1e-5);
+      // a key the bias hides changes nothing
+      values.index_put_({1, torch::indexing::Slice(), 3}, 1e4);
+      CHECK(torch::equal(rlhf::decode_attention(q, k, v, bias, scale), out));
+    }
+  }
+  // What stays with torch: a head width that is not a multiple of 8, an autograd graph, a bias in bf16.
+  auto q = torch::randn({b, h, 1, dh}), k = torch::randn({b, h, s, dh});
+  CHECK_FALSE(rlhf::decode_attention(torch::randn({b, h, 1, 12}), torch::randn({b, h, s, 12}),
+                                     torch::randn({b, h, s, 12}), bias, scale)
+                  .defined());
+  CHECK_FALSE(rlhf::decode_attention(q, k, k, bias.to(torch::kBFloat16), scale).defined());
+  rlhf::set_decode_kernels(false);
+  CHECK_FALSE(rlhf::decode_attention(q, k, k, bias, scale).defined());
+  rlhf::set_decode_kernels(true);
+}
+
+TEST_CASE("bf16 GELU kernels round the exact values, forward and backward") {
+  // Odd length: a masked tail after the 16-wide vectors; -12 .. 12 covers both saturated ends of tanh.
+  auto x = torch::linspace(-12, 12, 20001).to(torch::kBFloat16);
+  auto g = torch::randn({20001}).to(torch::kBFloat16);
+  if (!rlhf::detail::gelu_cpu_supported()) {  // torch's GELU runs
+    CHECK(torch::equal(rlhf::gelu_tanh(x), torch::gelu(x, "tanh")));
+    return;
+  }
+  auto xd = x.to(torch::kDouble).requires_grad_(true);
+  auto exact = torch::gelu(xd, "tanh");
+  exact.backward(g.to(torch::kDouble));
+  {
+    torch::NoGradGuard no_grad;
+    CHECK(bf16_rounding_of(rlhf::gelu_tanh(x), exact.detach(), 1e-6));
+  }
+  auto xg = x.clone().requires_grad_(true);
+  auto y = rlhf::gelu_tanh(xg);
+  CHECK(bf16_rounding_of(y.detach(), exact.detach(), 1e-6));
+  y.backward(g);
+  // fp32 arithmetic: where x < -4 the slope is ~1e-5 and 0.5 (1 + tanh) cancels (measured 2e-6 past the rounding;
+  // torch's own bf16 backward is 0.03 off at x = -3)
+  CHECK(bf16_rounding_of(xg.grad(), xd.grad(), 1e-5));
+  // Inside a model's graph: the gradient reaches what came before.
+  auto w = torch::randn({20001}, torch::requires_grad());
+  rlhf::gelu_tanh((w.to(torch::kBFloat16) * x)).to(torch::kFloat).sum().backward();
+  REQUIRE(w.grad().defined());
+  CHECK(w.grad().abs().sum().item<float>() > 0);
+  // What stays with torch: fp32 tensors, and bf16 ones with the kernels capped below AVX-512.
+  auto x32 = torch::randn({100});
+  CHECK(torch::equal(rlhf::gelu_tanh(x32), torch::gelu(x32, "tanh")));
+  RestoreDecodeIsa restore;
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx2);
+  CHECK(torch::equal(rlhf::gelu_tanh(x), torch::gelu(x, "tanh")));
+}
+
+TEST_CASE("bf16 decoding through the decode kernels is as close to fp32 as torch's bf16") {
+  // Under bf16 autocast and with bf16 weights, decoding step by step through the bf16 kernels, the fused attention
+  // and the bf16 GELU, against torch's bf16 operators (kernels off): both are bf16's distance from fp32 away from
+  // the fp32 logits (the kernels round once per product, torch's bf16 addmm without autocast sometimes twice).
+  auto model = tiny_model_wide_heads(6);
+  auto ids = torch::randint(0, 37, {2, 8}, torch::kLong);
+  auto decode = [&](bool kernels, int64_t* packed_bytes = nullptr) {
+    rlhf::set_decode_kernels(kernels);
+    c10::InferenceMode inference;
+    rlhf::DecodePackScope packs;
+    auto cache = model->new_cache(2, 8);
+    std::vector<torch::Tensor> parts = {model->logits(model->forward(ids.narrow(1, 0, 3), {}, &cache))};
+    for (int64_t i = 3; i < 8; ++i) parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), {}, &cache)));
+    rlhf::set_decode_kernels(true);
+    if (packed_bytes) *packed_bytes = packs.bytes();
+    return torch::cat(parts, 1).clone();
+  };
+  RestoreDecodeIsa restore;
+  const auto fp32 = decode(false);
+  for (bool autocast : {true, false}) {
+    CAPTURE(autocast);
+    if (!autocast) model->place(torch::kCPU, torch::kBFloat16);
+    rlhf::AutocastScope scope(autocast ? rlhf::Precision::bf16 : rlhf::Precision::fp32, torch::kCPU);
+    int64_t packed_bytes = 0;
+    const auto with = decode(true, &packed_bytes), without = decode(false);
+    const float kernel_error = max_diff(with, fp32), torch_error = max_diff(without, fp32);
+    MESSAGE("max |logit - fp32 logit|: kernels " << kernel_error << ", torch bf16 " << torch_error);
+    CHECK(torch_error > 0);  // bf16 really ran
+    CHECK(kernel_error > 0);
+    CHECK(kernel_error <= 1.5 * torch_error);
+    if (rlhf::detail::cpu_decode_isa() >= rlhf::DecodeIsa::avx512_bf16)
+      CHECK(packed_bytes > 0);  // the bf16 kernels took the products
+  }
 }

@@ -358,10 +358,11 @@ LoRAPolicy tiny_lora_policy(uint64_t seed) {
                                  .eos_token_id = tokenizer.eos_id()});
   // The output projection is tied to wte, which LoRA freezes. A fresh tiny model's embeddings (std 0.02, 32 wide)
   // give logits of ~0.1 that adapters on the residual stream can move by well under one logit: the reward could not
-  // rise. Embeddings of std 0.4 (row norms ~2.3, as in a trained GPT-2) make the frozen unembedding expressive.
+  // rise. Embeddings of std 0.2 (row norms ~1.1) make the frozen unembedding expressive; at std 0.4 the first
+  // samples of most seeds hold no digit at all, and learning depends on the seed.
   {
     torch::NoGradGuard no_grad;
-    base->transformer->wte->weight.mul_(20.0);
+    base->transformer->wte->weight.mul_(10.0);
   }
   return LoRAPolicy(base);
 }
@@ -409,7 +410,9 @@ TEST_CASE("lora ppo: only adapters and the value head change; the reference is t
 TEST_CASE("lora ppo: a tiny LoRA policy learns the token-count reward") {
   auto policy = tiny_lora_policy(11);
   auto reward = rlhf::FunctionReward(count_digits);
-  rlhf::PPOTrainer<LoRAPolicy, decltype(reward), rlhf::FixedKL> trainer(policy, reward, lora_config(),
+  auto config = lora_config();
+  config.kl_coef = 0.05;
+  rlhf::PPOTrainer<LoRAPolicy, decltype(reward), rlhf::FixedKL> trainer(policy, reward, config,
                                                                          rlhf::GPT2Tokenizer::byte_level());
   std::vector<rlhf::PhaseStats> history;
   for (int i = 0; i < 20; ++i) history.push_back(trainer.step());
@@ -420,10 +423,11 @@ TEST_CASE("lora ppo: a tiny LoRA policy learns the token-count reward") {
   };
   const double before = history[0].reward_mean, after = mean_reward(16, 20);
   MESSAGE("LoRA: digits per 12-token sample: " << before << " -> " << after << ", KL " << history.back().kl);
-  // Measured (seed 11, base_lr 3e-2, ~1 s): 1.6 before any update -> 11.8 over phases 16-19, KL ~4.
+  // Measured (base_lr 3e-2, KL coefficient 0.05, ~1 s): seed 11 0.1 before any update -> 6.3 over phases 16-19,
+  // KL 21; seeds 12-18 rise by 2.4-9.4 (five of seven by more than 4), KL 15-30.
   CHECK(before < 3.0);
-  CHECK(after > before + 6.0);
-  CHECK(history.back().kl < 25.0);
+  CHECK(after > before + 4.0);
+  CHECK(history.back().kl < 40.0);
   for (const auto& s : history) {
     CHECK(std::isfinite(s.policy_loss));
     CHECK(std::isfinite(s.value_loss));

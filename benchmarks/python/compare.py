@@ -4,7 +4,8 @@
   phase       benchmarks/ppo_phase (the library's PPOTrainer) against ppo_phase.py --variant seed and --variant lean,
               per stage and precision: seconds, eager / library, x floor (the floor from the library run's measured
               matmul ceiling and copy bandwidth: the work is the same, so is the floor)
-  generation  generation_bench against ppo_phase.py --mode generation (tokens/s at batch 1 and 16, fp32 and bf16)
+  generation  generation_bench against ppo_phase.py --mode generation (tokens/s at batch 1 and 16; fp32, bf16
+              weights, and fp32 weights under bf16 autocast)
   train-step  train_step_bench --no-lora against ppo_phase.py --mode train-step (fp32 and bf16 autocast)
 
 Then the issue's targets, each with the measured value. Run it on an idle machine: every number is a wall-clock
@@ -134,14 +135,14 @@ def compare_generation(a, results):
     eager = run([a.python, EAGER, "--mode", "generation", "--shape", a.shape, "--new-tokens", "32", "--batch", "1",
                  "16", "--threads", str(a.threads)], a.wait_idle)
     print("Sampling (KV cache, 16-token prompts, 32 new tokens, top-k 10): tokens/s and library / eager")
-    print(f"{'dtype':<6} {'batch':>5} {'library':>9} {'x floor':>8} {'seed':>9} {'lib/seed':>9} {'lean':>9} "
+    print(f"{'dtype':<8} {'batch':>5} {'library':>9} {'x floor':>8} {'seed':>9} {'lib/seed':>9} {'lean':>9} "
           f"{'lib/lean':>9}")
     table = []
     for r in lib["results"]:
         e = {x["variant"]: x for x in eager["results"] if x["dtype"] == r["dtype"] and x["batch"] == r["batch"]}
         entry = dict(dtype=r["dtype"], batch=r["batch"], library=r["tokens_per_s"], x_floor=r.get("x_floor"),
                      seed=e["seed"]["tokens_per_s"], lean=e["lean"]["tokens_per_s"])
-        print(f"{r['dtype']:<6} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r.get('x_floor', float('nan')):>8.2f} "
+        print(f"{r['dtype']:<8} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r.get('x_floor', float('nan')):>8.2f} "
               f"{entry['seed']:>9.1f} {ratio(r['tokens_per_s'], entry['seed']):>9.2f} {entry['lean']:>9.1f} "
               f"{ratio(r['tokens_per_s'], entry['lean']):>9.2f}")
         table.append(entry)

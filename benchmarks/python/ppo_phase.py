@@ -14,7 +14,8 @@ tied vocabulary projection, an MLP value head d -> 4d -> 1 on the final-layernor
 
 Modes:
   phase       one PPO phase, stage by stage (generation, reward, reference, training), as ppo_phase prints it
-  generation  sampling speed at batch 1 and 16, fp32 and bf16 weights (generation_bench's set-up)
+  generation  sampling speed at batch 1 and 16: fp32 and bf16 weights, and fp32 weights under bf16 autocast
+              (generation_bench's set-up)
   train-step  one learning step of a minibatch, fp32 and bf16 autocast (train_step_bench's set-up)
 
 Runs with Debian's torch 1.13 (/usr/bin/python3); --device cuda runs on a GPU with torch 2.x (every tensor is
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="0 = all cores")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="generation mode: batch sizes")
+    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "autocast"], default=["fp32", "bf16", "autocast"],
+                   help="generation mode: fp32 or bf16 weights, or fp32 weights under bf16 autocast")
     p.add_argument("--steps", type=int, default=3, help="train-step mode: timed steps")
     p.add_argument("--json", dest="json_path", default="", help="also write the JSON result to this file")
     p.add_argument("--no-malloc-tuning", action="store_true")
@@ -576,17 +579,23 @@ def run_generation(a):
     results = []
     print(f"eager generation: shape {a.shape}, {THREADS} threads, {a.new_tokens} new tokens")
     print(f"{'variant':<6} {'dtype':<6} {'batch':>5} {'tokens/s':>10} {'ms/step':>9}")
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # fp32 and bf16 weights, and fp32 weights under bf16 autocast (how a bf16 PPO phase samples; the lean variant
+    # keeps its cache in bf16 there, as in the phase)
+    for dtype_name, dtype, bf16 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
+                                    ("autocast", torch.float32, True)):
+        if dtype_name not in a.dtype:
+            continue
         base.place(dtype)
         for b in a.batch:
             prompt = torch.randint(0, shape["vocab"], (b, 16))
             for variant in ("seed", "lean"):
                 def run(n):
-                    with torch.inference_mode():
+                    with torch.inference_mode(), autocast(bf16):
                         if variant == "seed":
                             sample_seed(base, prompt, n)
                         else:
-                            sample_lean(base, prompt, n, torch.Generator(device=DEVICE).manual_seed(1))
+                            sample_lean(base, prompt, n, torch.Generator(device=DEVICE).manual_seed(1),
+                                        cache_dtype=torch.bfloat16 if bf16 else None)
                 run(2)  # warm-up
                 sync()
                 start = time.perf_counter()

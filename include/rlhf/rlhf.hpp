@@ -6,6 +6,8 @@
 #include <rlhf/runtime.hpp>
 #include <rlhf/core/precision.hpp>
 #include <rlhf/core/small_matmul.hpp>
+#include <rlhf/core/decode_attention.hpp>
+#include <rlhf/core/gelu.hpp>
 #include <rlhf/log/printable.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>

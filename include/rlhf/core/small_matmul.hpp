@@ -1,5 +1,5 @@
 #pragma once
-/// @file Matrix products with few rows, for decoding on the CPU in fp32. A decoding step multiplies a handful of rows
+/// @file Matrix products with few rows, for decoding on the CPU. A decoding step multiplies a handful of rows
 /// (one per sequence) by every weight matrix, so its speed is the speed of reading the weights. OpenBLAS's sgemm
 /// packs the whole right-hand matrix before multiplying, which at one to four rows reads and writes each weight
 /// several times (a 768 x 2304 product at one row: 0.20 ms with sgemm against 0.05 ms for one pass), and the tied
@@ -12,17 +12,25 @@
 ///   kernels win against 8-wide vectors);
 /// - small_rows_mm_nt(x, e): y = x e^T with e [N, K] (the vocabulary projection), for at most 32 rows.
 ///
-/// Each has an AVX-512 and an AVX2 + FMA version; the best the CPU has runs, capped by set_decode_isa(). Both return
-/// an undefined tensor (and the caller uses torch's operator) unless: the CPU has AVX2 and FMA, every tensor is
-/// fp32, dense and on the CPU, no autograd graph is needed (inference mode or no_grad, or nothing requires a
-/// gradient), autocast is off, and the decode kernels are enabled (set_decode_kernels(); on by default). Results
-/// equal torch's up to float summation order (~1e-6 relative).
+/// In fp32 each has an AVX-512 and an AVX2 + FMA version; the best the CPU has runs, capped by set_decode_isa().
+/// Both return an undefined tensor (and the caller uses torch's operator) unless: the CPU has AVX2 and FMA, every
+/// tensor is fp32, dense and on the CPU, no autograd graph is needed (inference mode or no_grad, or nothing
+/// requires a gradient), autocast is off, and the decode kernels are enabled (set_decode_kernels(); on by default).
+/// Results equal torch's up to float summation order (~1e-6 relative).
+///
+/// Products torch computes in bf16 (under bf16 autocast, or with bf16 operands) take AVX512-BF16 kernels instead,
+/// at any number of rows, while a DecodePackScope is open (generate() opens one): each weight is packed once per
+/// scope into bf16 pairs, and the result is the fp32 sum rounded to bf16, as torch's. oneDNN's bf16 products in
+/// LibTorch 1.13 are slow at few rows on CPUs without AMX (Zen 5, GPT-2 small: 11-39 ms for the vocabulary
+/// projection at 1-32 rows against 1.9-4.1 ms here, 0.3-0.5 ms for a 768 x 2304 layer against 0.03-0.14 ms) and
+/// these kernels keep up with it at 512-4096 rows.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
+#include <map>
 #include <mutex>
 #include <utility>
 
@@ -37,22 +45,27 @@
 
 namespace rlhf {
 
-/// Instruction sets of the decode kernels, in increasing order.
-enum class DecodeIsa { none, avx2, avx512 };
+/// Instruction sets of the decode kernels, in increasing order. avx512_bf16 (AVX-512 with AVX512-BF16, BW and VL)
+/// adds the bf16 kernels to the AVX-512 ones.
+enum class DecodeIsa { none, avx2, avx512, avx512_bf16 };
 
 namespace detail {
 
 inline std::atomic<DecodeIsa>& decode_isa_cap() {
-  static std::atomic<DecodeIsa> cap{DecodeIsa::avx512};
+  static std::atomic<DecodeIsa> cap{DecodeIsa::avx512_bf16};
   return cap;
 }
 
 /// The best instruction set of this CPU for the kernels (AVX2 counts only with FMA).
 inline DecodeIsa cpu_decode_isa() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const DecodeIsa isa = __builtin_cpu_supports("avx512f")                                    ? DecodeIsa::avx512
-                               : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? DecodeIsa::avx2
-                                                                                                   : DecodeIsa::none;
+  static const DecodeIsa isa =
+      !__builtin_cpu_supports("avx512f")
+          ? (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? DecodeIsa::avx2 : DecodeIsa::none)
+      : __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl")
+          ? DecodeIsa::avx512_bf16
+          : DecodeIsa::avx512;
   return isa;
 #else
   return DecodeIsa::none;
@@ -61,25 +74,26 @@ inline DecodeIsa cpu_decode_isa() {
 
 }  // namespace detail
 
-/// Caps the instruction set of the few-row fp32 decode kernels for the whole process (DecodeIsa::avx512, the
-/// default, lets the CPU's best run; DecodeIsa::none turns the kernels off). For benchmarks and tests that compare
-/// the versions.
+/// Caps the instruction set of the few-row decode kernels for the whole process (DecodeIsa::avx512_bf16, the
+/// default, lets the CPU's best run; DecodeIsa::avx512 keeps the fp32 kernels and leaves bf16 products to torch;
+/// DecodeIsa::none turns the kernels off). For benchmarks and tests that compare the versions.
 inline void set_decode_isa(DecodeIsa cap) { detail::decode_isa_cap() = cap; }
 
 /// The instruction set the decode kernels run with: the CPU's best, capped by set_decode_isa().
 inline DecodeIsa decode_isa() { return std::min(detail::cpu_decode_isa(), detail::decode_isa_cap().load()); }
 
-/// Turns the few-row fp32 decode kernels on (the CPU's best instruction set) or off for the whole process (on by
+/// Turns the few-row decode kernels on (the CPU's best instruction set) or off for the whole process (on by
 /// default); off, every product goes through torch's addmm / matmul. For benchmarks that show what the kernels save.
-inline void set_decode_kernels(bool on) { set_decode_isa(on ? DecodeIsa::avx512 : DecodeIsa::none); }
+inline void set_decode_kernels(bool on) { set_decode_isa(on ? DecodeIsa::avx512_bf16 : DecodeIsa::none); }
 
-/// Whether the few-row fp32 decode kernels are switched on (they also need AVX2 and FMA to run).
+/// Whether the few-row decode kernels are switched on (they also need AVX2 and FMA to run).
 inline bool decode_kernels_enabled() { return detail::decode_isa_cap() != DecodeIsa::none; }
 
 /// Rows up to which small_rows_addmm takes a product with the kernels' present instruction set (beyond, sgemm's
 /// packing pays for itself); 0 when the kernels do not run.
 inline int64_t small_rows_addmm_max_rows() {
   switch (decode_isa()) {
+    case DecodeIsa::avx512_bf16:
     case DecodeIsa::avx512: return 64;
     case DecodeIsa::avx2: return 8;
     default: return 0;
@@ -133,6 +147,10 @@ inline std::pair<int64_t, int64_t> thread_share(int64_t count, int64_t grain, in
 
 #if defined(__GNUC__) && defined(__x86_64__)
 
+// The tiles index their accumulators with loop counters bound by template parameters; unrolled, the accumulators
+// live in registers whatever the optimisation level (GCC's -O2 keeps such loops and spills every accumulator).
+#define RLHF_UNROLL _Pragma("GCC unroll 16")
+
 /// Sum of the eight lanes.
 __attribute__((target("avx2,fma"))) inline float sum_lanes(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -147,20 +165,20 @@ template <int R>
 __attribute__((target("avx2,fma"))) inline void addmm_tile(const float* x, int64_t k, const float* w, int64_t n,
                                                            const float* bias, float* y, int64_t n0) {
   __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) {
+  RLHF_UNROLL for (int r = 0; r < R; ++r) {
     acc[r][0] = bias ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
     acc[r][1] = bias ? _mm256_loadu_ps(bias + n0 + 8) : _mm256_setzero_ps();
   }
   const float* wk = w + n0;
   for (int64_t kk = 0; kk < k; ++kk, wk += n) {
     const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
-    for (int r = 0; r < R; ++r) {
+    RLHF_UNROLL for (int r = 0; r < R; ++r) {
       const __m256 xr = _mm256_broadcast_ss(x + r * k + kk);
       acc[r][0] = _mm256_fmadd_ps(xr, w0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(xr, w1, acc[r][1]);
     }
   }
-  for (int r = 0; r < R; ++r) {
+  RLHF_UNROLL for (int r = 0; r < R; ++r) {
     _mm256_storeu_ps(y + r * n + n0, acc[r][0]);
     _mm256_storeu_ps(y + r * n + n0 + 8, acc[r][1]);
   }
@@ -200,21 +218,21 @@ template <int R, int J>
 __attribute__((target("avx2,fma"))) inline void dot_tile(const float* x, int64_t k, const float* e, float* y,
                                                          int64_t n, int64_t n0) {
   __m256 acc[R][J];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
+  RLHF_UNROLL for (int r = 0; r < R; ++r)
+    RLHF_UNROLL for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
   const float* rows[J];
-  for (int j = 0; j < J; ++j) rows[j] = e + (n0 + j) * k;
+  RLHF_UNROLL for (int j = 0; j < J; ++j) rows[j] = e + (n0 + j) * k;
   int64_t kk = 0;
   for (; kk + 8 <= k; kk += 8) {
     __m256 ej[J];
-    for (int j = 0; j < J; ++j) ej[j] = _mm256_loadu_ps(rows[j] + kk);
-    for (int r = 0; r < R; ++r) {
+    RLHF_UNROLL for (int j = 0; j < J; ++j) ej[j] = _mm256_loadu_ps(rows[j] + kk);
+    RLHF_UNROLL for (int r = 0; r < R; ++r) {
       const __m256 xr = _mm256_loadu_ps(x + r * k + kk);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xr, ej[j], acc[r][j]);
+      RLHF_UNROLL for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xr, ej[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) {
+  RLHF_UNROLL for (int r = 0; r < R; ++r)
+    RLHF_UNROLL for (int j = 0; j < J; ++j) {
       float sum = sum_lanes(acc[r][j]);
       for (int64_t t = kk; t < k; ++t) sum += x[r * k + t] * rows[j][t];
       y[r * n + n0 + j] = sum;
@@ -258,21 +276,21 @@ __attribute__((target("avx512f"))) inline void addmm_tile512(const float* x, int
                                                              const float* bias, float* y, int64_t n0, int64_t cols) {
   const __mmask16 last = Tail ? lanes_below(cols - 16 * (C - 1)) : __mmask16(0xFFFF);
   __m512 acc[R][C];
-  for (int c = 0; c < C; ++c) {
+  RLHF_UNROLL for (int c = 0; c < C; ++c) {
     const __m512 b = bias ? load512(bias + n0 + 16 * c, Tail && c == C - 1, last) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) acc[r][c] = b;
+    RLHF_UNROLL for (int r = 0; r < R; ++r) acc[r][c] = b;
   }
   const float* wk = w + n0;
   for (int64_t kk = 0; kk < k; ++kk, wk += n) {
     __m512 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load512(wk + 16 * c, Tail && c == C - 1, last);
-    for (int r = 0; r < R; ++r) {
+    RLHF_UNROLL for (int c = 0; c < C; ++c) wv[c] = load512(wk + 16 * c, Tail && c == C - 1, last);
+    RLHF_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 xr = _mm512_set1_ps(x[r * k + kk]);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xr, wv[c], acc[r][c]);
+      RLHF_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xr, wv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
+  RLHF_UNROLL for (int r = 0; r < R; ++r)
+    RLHF_UNROLL for (int c = 0; c < C; ++c) {
       float* out = y + r * n + n0 + 16 * c;
       if (Tail && c == C - 1)
         _mm512_mask_storeu_ps(out, last, acc[r][c]);
@@ -291,32 +309,44 @@ __attribute__((target("avx512f"))) inline void addmm_strip512(const float* x, in
   addmm_tile512<R, 1, true>(x, k, w, n, bias, y, n0, cols);
 }
 
-/// y [m, n] = bias + x [m, k] w [k, n] for columns [c0, c1): strips of 48 columns, each in row tiles of at most 8
-/// rows of near-equal size (16 rows: 8 + 8; 12 rows: 6 + 6).
-__attribute__((target("avx512f"))) inline void addmm_columns512(const float* x, int64_t m, int64_t k, const float* w,
-                                                                int64_t n, const float* bias, float* y, int64_t c0,
-                                                                int64_t c1) {
+/// Calls `strip.template run<R>(r, n0, cols)` for every tile of R rows starting at row r, on strips of 48 columns
+/// [n0, n0 + cols) of [c0, c1): each strip in row tiles of at most 8 rows of near-equal size (16 rows: 8 + 8; 12
+/// rows: 6 + 6).
+template <class Strip>
+inline void tile_strips(int64_t m, int64_t c0, int64_t c1, const Strip& strip) {
   const int64_t tiles = (m + 7) / 8;
   for (int64_t n0 = c0; n0 < c1; n0 += 48) {
     const int64_t cols = std::min<int64_t>(48, c1 - n0);
     for (int64_t t = 0, r = 0; t < tiles; ++t) {
       const int64_t rows = m / tiles + (t < m % tiles ? 1 : 0);
-      const float* xr = x + r * k;
-      float* yr = y + r * n;
       switch (rows) {
-        case 1: addmm_strip512<1>(xr, k, w, n, bias, yr, n0, cols); break;
-        case 2: addmm_strip512<2>(xr, k, w, n, bias, yr, n0, cols); break;
-        case 3: addmm_strip512<3>(xr, k, w, n, bias, yr, n0, cols); break;
-        case 4: addmm_strip512<4>(xr, k, w, n, bias, yr, n0, cols); break;
-        case 5: addmm_strip512<5>(xr, k, w, n, bias, yr, n0, cols); break;
-        case 6: addmm_strip512<6>(xr, k, w, n, bias, yr, n0, cols); break;
-        case 7: addmm_strip512<7>(xr, k, w, n, bias, yr, n0, cols); break;
-        default: addmm_strip512<8>(xr, k, w, n, bias, yr, n0, cols); break;
+        case 1: strip.template run<1>(r, n0, cols); break;
+        case 2: strip.template run<2>(r, n0, cols); break;
+        case 3: strip.template run<3>(r, n0, cols); break;
+        case 4: strip.template run<4>(r, n0, cols); break;
+        case 5: strip.template run<5>(r, n0, cols); break;
+        case 6: strip.template run<6>(r, n0, cols); break;
+        case 7: strip.template run<7>(r, n0, cols); break;
+        default: strip.template run<8>(r, n0, cols); break;
       }
       r += rows;
     }
   }
 }
+
+/// y [m, n] = bias + x [m, k] w [k, n] for the columns tile_strips() hands out.
+struct AddmmStrips512 {
+  const float* x;
+  int64_t k;
+  const float* w;
+  int64_t n;
+  const float* bias;
+  float* y;
+  template <int R>
+  __attribute__((target("avx512f"))) void run(int64_t r, int64_t n0, int64_t cols) const {
+    addmm_strip512<R>(x + r * k, k, w, n, bias, y + r * n, n0, cols);
+  }
+};
 
 /// Sum of the sixteen lanes. (The zero-masked forms of the shuffles: GCC 12's unmasked ones start from an
 /// "undefined" vector that -Wuninitialized reports.)
@@ -335,30 +365,30 @@ template <int R, int J>
 __attribute__((target("avx512f"))) inline void dot_tile512(const float* x, int64_t k, const float* e, float* y,
                                                            int64_t n, int64_t n0) {
   __m512 acc[R][J];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  RLHF_UNROLL for (int r = 0; r < R; ++r)
+    RLHF_UNROLL for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
   const float* rows[J];
-  for (int j = 0; j < J; ++j) rows[j] = e + (n0 + j) * k;
+  RLHF_UNROLL for (int j = 0; j < J; ++j) rows[j] = e + (n0 + j) * k;
   int64_t kk = 0;
   for (; kk + 16 <= k; kk += 16) {
     __m512 ej[J];
-    for (int j = 0; j < J; ++j) ej[j] = _mm512_loadu_ps(rows[j] + kk);
-    for (int r = 0; r < R; ++r) {
+    RLHF_UNROLL for (int j = 0; j < J; ++j) ej[j] = _mm512_loadu_ps(rows[j] + kk);
+    RLHF_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 xr = _mm512_loadu_ps(x + r * k + kk);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, ej[j], acc[r][j]);
+      RLHF_UNROLL for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, ej[j], acc[r][j]);
     }
   }
   if (kk < k) {
     const __mmask16 mask = lanes_below(k - kk);
     __m512 ej[J];
-    for (int j = 0; j < J; ++j) ej[j] = _mm512_maskz_loadu_ps(mask, rows[j] + kk);
-    for (int r = 0; r < R; ++r) {
+    RLHF_UNROLL for (int j = 0; j < J; ++j) ej[j] = _mm512_maskz_loadu_ps(mask, rows[j] + kk);
+    RLHF_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 xr = _mm512_maskz_loadu_ps(mask, x + r * k + kk);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, ej[j], acc[r][j]);
+      RLHF_UNROLL for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, ej[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) y[r * n + n0 + j] = sum_lanes512(acc[r][j]);
+  RLHF_UNROLL for (int r = 0; r < R; ++r)
+    RLHF_UNROLL for (int j = 0; j < J; ++j) y[r * n + n0 + j] = sum_lanes512(acc[r][j]);
 }
 
 /// dot_tile512 over all rows of x: tiles of 4 rows, then the last 1-3.
@@ -384,6 +414,76 @@ __attribute__((target("avx512f"))) inline void mm_nt_columns512(const float* x, 
   for (; n0 < c1; ++n0) dot_rows512<1>(x, m, k, e, y, n, n0);
 }
 
+// bf16 versions (AVX512-BF16). vdpbf16ps multiplies bf16 pairs and adds both products to one fp32 lane, so the
+// weights are packed once (DecodePackScope, pack_bf16_pairs) into pairs along k, in panels of 48 columns: panel p
+// holds, for every pair i of k, columns 48p .. 48p + 48 of rows 2i and 2i + 1 interleaved. A tile's strip of w is
+// then one contiguous block the hardware prefetcher streams (in w's own [K, N] layout every k is a 4 KB page
+// apart, which no prefetcher follows: 2-3x slower at batch 16-32). Each row's pair of x is broadcast; tiles as
+// addmm_tile512 (up to 8 rows x 48 columns) at half the k steps and half the bytes of w. The sums are fp32 and the
+// output is rounded to bf16 (to nearest even), as torch's bf16 addmm does.
+
+#define RLHF_BF16_TARGET __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl")))
+
+/// Columns per panel of packed bf16 weights.
+inline constexpr int64_t kBf16Panel = 48;
+
+/// y[r, n0 .. n0 + cols) = bf16(bias + x[r, :] w[:, n0 .. n0 + cols)) for R rows, x as bf16 pairs [R, kp] and w as
+/// the panel of columns n0 .. n0 + 48 ([kp, 48] pairs, zero past the matrix's columns), with C vectors of 16
+/// columns; with Tail, the last vector's bias and output are masked to `cols`.
+template <int R, int C, bool Tail>
+RLHF_BF16_TARGET inline void bf16_tile(const int32_t* x, int64_t kp, const int32_t* panel, int64_t n,
+                                       const float* bias, uint16_t* y, int64_t n0, int64_t cols) {
+  const __mmask16 last = Tail ? lanes_below(cols - 16 * (C - 1)) : __mmask16(0xFFFF);
+  __m512 acc[R][C];
+  RLHF_UNROLL for (int r = 0; r < R; ++r)
+    RLHF_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int32_t* wi = panel;
+  for (int64_t i = 0; i < kp; ++i, wi += kBf16Panel) {
+    __m512bh wv[C];
+    RLHF_UNROLL for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(wi + 16 * c);
+    RLHF_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * kp + i]);
+      RLHF_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xr, wv[c]);
+    }
+  }
+  RLHF_UNROLL for (int c = 0; c < C; ++c) {
+    const bool masked = Tail && c == C - 1;
+    const __m512 b = bias ? load512(bias + n0 + 16 * c, masked, last) : _mm512_setzero_ps();
+    RLHF_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][c], b));
+      uint16_t* dst = y + r * n + n0 + 16 * c;
+      if (masked)
+        _mm256_mask_storeu_epi16(dst, last, out);
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), out);
+    }
+  }
+}
+
+/// y [m, n] = bf16(bias + x [m, k] w [k, n]) for the columns tile_strips() hands out; x as bf16 pairs [m, kp], w
+/// packed by pack_bf16_pairs().
+struct Bf16Strips {
+  const int32_t* x;
+  int64_t kp;
+  const int32_t* w;
+  int64_t n;
+  const float* bias;
+  uint16_t* y;
+  template <int R>
+  RLHF_BF16_TARGET void run(int64_t r, int64_t n0, int64_t cols) const {
+    const int32_t* xr = x + r * kp;
+    const int32_t* panel = w + n0 / kBf16Panel * kp * kBf16Panel;
+    uint16_t* yr = y + r * n;
+    if (cols == 48) return bf16_tile<R, 3, false>(xr, kp, panel, n, bias, yr, n0, cols);
+    if (cols > 32) return bf16_tile<R, 3, true>(xr, kp, panel, n, bias, yr, n0, cols);
+    if (cols > 16) return bf16_tile<R, 2, true>(xr, kp, panel, n, bias, yr, n0, cols);
+    bf16_tile<R, 1, true>(xr, kp, panel, n, bias, yr, n0, cols);
+  }
+};
+
+#undef RLHF_BF16_TARGET
+#undef RLHF_UNROLL
+
 #endif
 
 /// Whether the kernels may take this product: see the file comment.
@@ -400,27 +500,160 @@ inline bool small_matmul_applies(std::initializer_list<const torch::Tensor*> ten
   return true;
 }
 
+/// The bytes of a tensor as the bf16 kernels read them: bf16 pairs as 32-bit words.
+inline const int32_t* bf16_pairs_data(const torch::Tensor& t) { return static_cast<const int32_t*>(t.data_ptr()); }
+
+}  // namespace detail
+
+/// `w` [K, N] (with `transposed`, `w`^T for `w` [N, K]) in the layout of the bf16 decode kernels: bf16 pairs along
+/// k in panels of 48 columns, [ceil(N / 48), ceil(K / 2), 48, 2], where [p, i, c] holds w[2i, 48p + c] and
+/// w[2i + 1, 48p + c] (zero past K and N). Rounds to bf16 as torch's casts do (to nearest even).
+inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
+  TORCH_CHECK(w.dim() == 2, "pack_bf16_pairs: expected a matrix, got ", w.sizes());
+  constexpr int64_t width = detail::kBf16Panel;
+  auto w16 = w.to(torch::kBFloat16).contiguous();
+  const int64_t k = w.size(transposed ? 1 : 0), n = w.size(transposed ? 0 : 1), kp = (k + 1) / 2;
+  const int64_t panels = (n + width - 1) / width;
+  auto out = torch::zeros({panels, kp, width, 2}, w16.options());  // bf16 zero: all bits clear
+  const auto* src = static_cast<const uint16_t*>(w16.data_ptr());
+  auto* dst = static_cast<uint16_t*>(out.data_ptr());
+  detail::omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
+    const auto [p0, p1] = detail::thread_share(panels, 1, thread, threads);
+    for (int64_t p = p0; p < p1; ++p) {
+      uint16_t* panel = dst + p * kp * width * 2;
+      const int64_t c1 = std::min(width, n - p * width);
+      for (int64_t c = 0; c < c1; ++c)
+        if (transposed) {  // row 48p + c of w: the pairs of column c of the panel
+          const uint16_t* row = src + (p * width + c) * k;
+          for (int64_t kk = 0; kk < k; ++kk) panel[(kk / 2 * width + c) * 2 + kk % 2] = row[kk];
+        }
+      if (!transposed)  // rows 2i and 2i + 1 of w, columns 48p ..: interleaved into panel row i
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const uint16_t* row = src + kk * n + p * width;
+          uint16_t* pairs = panel + kk / 2 * width * 2 + kk % 2;
+          for (int64_t c = 0; c < c1; ++c) pairs[2 * c] = row[c];
+        }
+    }
+  });
+  return out;
+}
+
+/// While one is open in a thread, that thread's few-row products that torch would compute in bf16 (under bf16
+/// autocast, or with every operand bf16) run on the AVX512-BF16 kernels where the CPU has them: bf16 inputs, fp32
+/// sums, a bf16 result, as torch's bf16 addmm. Each weight is packed by pack_bf16_pairs() on first use and kept until
+/// the scope closes; a weight changed in place (its version counter moved) or given new storage is packed again.
+/// generate() opens one, so a rollout packs every weight once (GPT-2 small: 250 MB held while it runs). Without an
+/// open scope bf16 products go to torch: packing a weight for one product would cost more than it saves.
+class DecodePackScope {
+ public:
+  DecodePackScope() : outer_(current()) { current() = this; }
+  ~DecodePackScope() { current() = outer_; }
+  DecodePackScope(const DecodePackScope&) = delete;
+  DecodePackScope& operator=(const DecodePackScope&) = delete;
+
+  /// The innermost scope open in this thread, or null.
+  static DecodePackScope* active() { return current(); }
+
+  /// `w` packed by pack_bf16_pairs(w, transposed), made on first use.
+  const torch::Tensor& pairs(const torch::Tensor& w, bool transposed) {
+    auto& entry = packs_[{w.unsafeGetTensorImpl(), transposed}];
+    const int64_t version = w.is_inference() ? 0 : static_cast<int64_t>(w._version());
+    if (!entry.pairs.defined() || entry.data != w.data_ptr() || entry.version != version)
+      entry = {w, pack_bf16_pairs(w, transposed), w.data_ptr(), version};
+    return entry.pairs;
+  }
+
+  /// Bytes of the packed weights held.
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (const auto& [key, entry] : packs_) total += static_cast<int64_t>(entry.pairs.nbytes());
+    return total;
+  }
+
+ private:
+  struct Entry {
+    torch::Tensor source;  // holds the weight, so its TensorImpl (the key) is not reused while the entry lives
+    torch::Tensor pairs;
+    const void* data = nullptr;
+    int64_t version = -1;
+  };
+  static DecodePackScope*& current() {
+    static thread_local DecodePackScope* scope = nullptr;
+    return scope;
+  }
+  std::map<std::pair<const c10::TensorImpl*, bool>, Entry> packs_;
+  DecodePackScope* outer_;
+};
+
+namespace detail {
+
+/// Whether the bf16 kernels may take a product of these operands: a DecodePackScope is open, the CPU has AVX512-BF16
+/// (and set_decode_isa() allows it), torch would compute the product in bf16 (bf16 autocast on the CPU with fp32 or
+/// bf16 operands, or every operand bf16), and the other conditions of small_matmul_applies() hold.
+inline bool bf16_kernels_apply(std::initializer_list<const torch::Tensor*> tensors) {
+  if (decode_isa() < DecodeIsa::avx512_bf16 || !DecodePackScope::active()) return false;
+  const bool autocast = autocast_enabled(torch::kCPU);
+  if (autocast && autocast_dtype(torch::kCPU) != torch::kBFloat16) return false;
+  const bool grad_mode = torch::GradMode::is_enabled();
+  for (const auto* t : tensors) {
+    if (!t->defined()) continue;
+    const auto dtype = t->scalar_type();
+    if (dtype != torch::kBFloat16 && !(autocast && dtype == torch::kFloat)) return false;
+    if (!t->device().is_cpu() || t->layout() != torch::kStrided || !t->is_contiguous() || t->is_conj() ||
+        t->is_neg() || (grad_mode && t->requires_grad()))
+      return false;
+  }
+  return true;
+}
+
+/// bf16(`bias` + `x` w) with w = `w` (or with `transposed`, `w`^T) on the bf16 kernels, with w from the open
+/// DecodePackScope; undefined when bf16_kernels_apply() does not hold. Shapes are the caller's to check.
+inline torch::Tensor small_rows_bf16(const torch::Tensor& bias, const torch::Tensor& x, const torch::Tensor& w,
+                                     bool transposed) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (!bf16_kernels_apply({&bias, &x, &w})) return {};
+  const auto& pairs = DecodePackScope::active()->pairs(w, transposed);
+  const int64_t m = x.size(0), kp = pairs.size(1), n = transposed ? w.size(0) : w.size(1);
+  auto x16 = x.to(torch::kBFloat16);
+  if (x16.size(1) % 2) x16 = torch::constant_pad_nd(x16, {0, 1});  // [M, 2 kp]
+  x16 = x16.contiguous();
+  // torch casts the bias to bf16 too, and adds it to the fp32 sums
+  auto b = bias.defined() ? bias.to(torch::kBFloat16).to(torch::kFloat).contiguous() : torch::Tensor();
+  auto y = torch::empty({m, n}, x.options().dtype(torch::kBFloat16));
+  const Bf16Strips strips{bf16_pairs_data(x16), kp, bf16_pairs_data(pairs), n,
+                          b.defined() ? b.data_ptr<float>() : nullptr, static_cast<uint16_t*>(y.data_ptr())};
+  omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
+    const auto [c0, c1] = thread_share(n, kBf16Panel, thread, threads);  // whole panels
+    if (c0 < c1) tile_strips(m, c0, c1, strips);
+  });
+  return y;
+#else
+  return {};
+#endif
+}
+
 }  // namespace detail
 
 /// `bias` [N] (or undefined) + `x` [M, K] `w` [K, N] for M <= small_rows_addmm_max_rows() under the conditions of
 /// the file comment; undefined when they do not hold (use torch::addmm then).
 inline torch::Tensor small_rows_addmm(const torch::Tensor& bias, const torch::Tensor& x, const torch::Tensor& w) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  if (x.dim() != 2 || w.dim() != 2 || x.size(0) < 1 || x.size(0) > small_rows_addmm_max_rows() ||
-      x.size(1) != w.size(0) || (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(1))) ||
-      !detail::small_matmul_applies({&bias, &x, &w}))
+  if (x.dim() != 2 || w.dim() != 2 || x.size(0) < 1 || x.size(1) != w.size(0) ||
+      (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(1))))
     return {};
+  if (auto y = detail::small_rows_bf16(bias, x, w, /*transposed=*/false); y.defined()) return y;
+  if (x.size(0) > small_rows_addmm_max_rows() || !detail::small_matmul_applies({&bias, &x, &w})) return {};
   const int64_t m = x.size(0), k = x.size(1), n = w.size(1);
   auto y = torch::empty({m, n}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const bool avx512 = decode_isa() == DecodeIsa::avx512;
+  const bool avx512 = decode_isa() >= DecodeIsa::avx512;
   detail::omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
     const auto [c0, c1] = detail::thread_share(n, avx512 ? 48 : 16, thread, threads);
     if (c0 >= c1) return;
     if (avx512)
-      detail::addmm_columns512(xp, m, k, wp, n, bp, yp, c0, c1);
+      detail::tile_strips(m, c0, c1, detail::AddmmStrips512{xp, k, wp, n, bp, yp});
     else
       detail::addmm_columns(xp, m, k, wp, n, bp, yp, c0, c1);
   });
@@ -434,14 +667,14 @@ inline torch::Tensor small_rows_addmm(const torch::Tensor& bias, const torch::Te
 /// when they do not hold (use torch::matmul then).
 inline torch::Tensor small_rows_mm_nt(const torch::Tensor& x, const torch::Tensor& e) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  if (x.dim() != 2 || e.dim() != 2 || x.size(0) < 1 || x.size(0) > kSmallRowsMmNt || x.size(1) != e.size(1) ||
-      !detail::small_matmul_applies({&x, &e}))
-    return {};
+  if (x.dim() != 2 || e.dim() != 2 || x.size(0) < 1 || x.size(1) != e.size(1)) return {};
+  if (auto y = detail::small_rows_bf16({}, x, e, /*transposed=*/true); y.defined()) return y;
+  if (x.size(0) > kSmallRowsMmNt || !detail::small_matmul_applies({&x, &e})) return {};
   const int64_t m = x.size(0), k = x.size(1), n = e.size(0);
   auto y = torch::empty({m, n}, x.options());
   const float *xp = x.data_ptr<float>(), *ep = e.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const bool avx512 = decode_isa() == DecodeIsa::avx512;
+  const bool avx512 = decode_isa() >= DecodeIsa::avx512;
   detail::omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
     const auto [c0, c1] = detail::thread_share(n, avx512 ? 6 : 4, thread, threads);
     if (c0 >= c1) return;

@@ -10,6 +10,7 @@
 
 #include <torch/torch.h>
 
+#include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/model/kv_cache.hpp>
 
@@ -123,6 +124,7 @@ Generation generate(Model& model, const torch::Tensor& prompt_ids, torch::Tensor
   const bool was_training = model.is_training();
   model.eval();
   c10::InferenceMode inference;
+  DecodePackScope packs;  // bf16 products (autocast or bf16 weights) on the AVX512-BF16 kernels, each weight packed once
   const auto device = prompt_ids.device();
   const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(device);
 

@@ -15,6 +15,8 @@
 #include <rlhf/adapters/adapter.hpp>
 #include <rlhf/adapters/lora.hpp>
 #include <rlhf/adapters/no_adapter.hpp>
+#include <rlhf/core/decode_attention.hpp>
+#include <rlhf/core/gelu.hpp>
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
@@ -52,7 +54,7 @@ inline torch::Tensor sinusoidal_position_table(int64_t n_positions, int64_t d) {
 
 /// The activation named by GPT2Config::activation_function. gelu_new is the tanh approximation of GELU.
 inline torch::Tensor gpt2_activation(const torch::Tensor& x, const std::string& name) {
-  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") return torch::gelu(x, "tanh");
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") return gelu_tanh(x);  // core/gelu.hpp
   if (name == "gelu") return torch::gelu(x);
   return torch::relu(x);
 }
@@ -111,11 +113,14 @@ class GPT2AttentionImpl : public torch::nn::Module {
     if (cache) std::tie(k, v) = cache->append(layer, k, v);  // [B, H, S, Dh]
     torch::Tensor out;                                        // [B, H, T, Dh]
     if (t == 1 && !is_training()) {
-      // One query per row (a decoding step): broadcast products. LibTorch's CPU bmm would loop over the B*H
-      // matrix-vector products one small gemm at a time.
-      auto scores = (q * k).sum(-1, /*keepdim=*/false, torch::kFloat).mul_(scale_).unsqueeze(2);  // [B, H, 1, S]
-      auto probs = torch::softmax(scores.add_(bias), -1).to(v.scalar_type());
-      out = (probs.transpose(-2, -1) * v).sum(2, /*keepdim=*/true);
+      // One query per row (a decoding step): fused on the CPU (core/decode_attention.hpp), else broadcast products
+      // (LibTorch's CPU bmm would loop over the B*H matrix-vector products one small gemm at a time).
+      out = decode_attention(q, k, v, bias, scale_);
+      if (!out.defined()) {
+        auto scores = (q * k).sum(-1, /*keepdim=*/false, torch::kFloat).mul_(scale_).unsqueeze(2);  // [B, H, 1, S]
+        auto probs = torch::softmax(scores.add_(bias), -1).to(v.scalar_type());
+        out = (probs.transpose(-2, -1) * v).sum(2, /*keepdim=*/true);
+      }
     } else {
       auto scores = torch::matmul(q, k.transpose(-2, -1)).to(torch::kFloat).mul_(scale_).add_(bias);  // [B,H,T,S]
       auto probs = torch::softmax(scores, -1).to(v.scalar_type());
@@ -279,8 +284,9 @@ class GPT2Impl : public torch::nn::Module {
       auto shape = hidden.sizes().vec();
       shape.back() = wte.size(0);
       // contiguous(): the first decoding step projects a strided [B, D] slice of the prompt's hidden states
-      if (auto y = small_rows_mm_nt(hidden.reshape({-1, hidden.size(-1)}).contiguous(), wte); y.defined())
-        return y.view(shape);
+      auto rows = hidden.reshape({-1, hidden.size(-1)}).to(wte.scalar_type()).contiguous();
+      if (auto y = small_rows_mm_nt(rows, wte); y.defined())
+        return y.to(torch::kFloat).view(shape);  // bf16 under autocast or with bf16 weights, as torch's matmul
     }
     auto y = torch::matmul(hidden.to(wte.scalar_type()), wte.t()).to(torch::kFloat);
     if (transformer->head_capture) transformer->head_capture->on_forward(hidden, y);
