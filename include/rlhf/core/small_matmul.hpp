@@ -42,6 +42,7 @@
 #include <torch/torch.h>
 
 #include <rlhf/core/precision.hpp>
+#include <rlhf/detail/error.hpp>
 
 namespace rlhf {
 
@@ -102,6 +103,11 @@ inline int64_t small_rows_addmm_max_rows() {
 
 /// Rows up to which small_rows_mm_nt takes a product.
 inline constexpr int64_t kSmallRowsMmNt = 32;
+
+namespace detail {
+/// Columns per panel of weights packed for the bf16 kernels (pack_bf16_pairs).
+inline constexpr int64_t kBf16Panel = 48;
+}  // namespace detail
 
 namespace detail {
 
@@ -417,15 +423,12 @@ __attribute__((target("avx512f"))) inline void mm_nt_columns512(const float* x, 
 // bf16 versions (AVX512-BF16). vdpbf16ps multiplies bf16 pairs and adds both products to one fp32 lane, so the
 // weights are packed once (DecodePackScope, pack_bf16_pairs) into pairs along k, in panels of 48 columns: panel p
 // holds, for every pair i of k, columns 48p .. 48p + 48 of rows 2i and 2i + 1 interleaved. A tile's strip of w is
-// then one contiguous block the hardware prefetcher streams (in w's own [K, N] layout every k is a 4 KB page
-// apart, which no prefetcher follows: 2-3x slower at batch 16-32). Each row's pair of x is broadcast; tiles as
+// then one contiguous block read front to back (in w's own [K, N] layout consecutive k lie N x 4 bytes apart, a
+// page or more at GPT-2's widths, where hardware prefetchers stop). Each row's pair of x is broadcast; tiles as
 // addmm_tile512 (up to 8 rows x 48 columns) at half the k steps and half the bytes of w. The sums are fp32 and the
 // output is rounded to bf16 (to nearest even), as torch's bf16 addmm does.
 
 #define RLHF_BF16_TARGET __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl")))
-
-/// Columns per panel of packed bf16 weights.
-inline constexpr int64_t kBf16Panel = 48;
 
 /// y[r, n0 .. n0 + cols) = bf16(bias + x[r, :] w[:, n0 .. n0 + cols)) for R rows, x as bf16 pairs [R, kp] and w as
 /// the panel of columns n0 .. n0 + 48 ([kp, 48] pairs, zero past the matrix's columns), with C vectors of 16
@@ -509,7 +512,7 @@ inline const int32_t* bf16_pairs_data(const torch::Tensor& t) { return static_ca
 /// k in panels of 48 columns, [ceil(N / 48), ceil(K / 2), 48, 2], where [p, i, c] holds w[2i, 48p + c] and
 /// w[2i + 1, 48p + c] (zero past K and N). Rounds to bf16 as torch's casts do (to nearest even).
 inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
-  TORCH_CHECK(w.dim() == 2, "pack_bf16_pairs: expected a matrix, got ", w.sizes());
+  if (w.dim() != 2) detail::fail("pack_bf16_pairs: expected a matrix, got a tensor of {} dimensions", w.dim());
   constexpr int64_t width = detail::kBf16Panel;
   auto w16 = w.to(torch::kBFloat16).contiguous();
   const int64_t k = w.size(transposed ? 1 : 0), n = w.size(transposed ? 0 : 1), kp = (k + 1) / 2;
