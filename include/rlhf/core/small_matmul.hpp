@@ -525,17 +525,18 @@ inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
     for (int64_t p = p0; p < p1; ++p) {
       uint16_t* panel = dst + p * kp * width * 2;
       const int64_t c1 = std::min(width, n - p * width);
-      for (int64_t c = 0; c < c1; ++c)
-        if (transposed) {  // row 48p + c of w: the pairs of column c of the panel
+      if (transposed) {
+        for (int64_t c = 0; c < c1; ++c) {  // row 48p + c of w [N, K]: column c of the panel
           const uint16_t* row = src + (p * width + c) * k;
           for (int64_t kk = 0; kk < k; ++kk) panel[(kk / 2 * width + c) * 2 + kk % 2] = row[kk];
         }
-      if (!transposed)  // rows 2i and 2i + 1 of w, columns 48p ..: interleaved into panel row i
-        for (int64_t kk = 0; kk < k; ++kk) {
+      } else {
+        for (int64_t kk = 0; kk < k; ++kk) {  // row kk of w [K, N], columns 48p ..: half of panel row kk / 2
           const uint16_t* row = src + kk * n + p * width;
           uint16_t* pairs = panel + kk / 2 * width * 2 + kk % 2;
           for (int64_t c = 0; c < c1; ++c) pairs[2 * c] = row[c];
         }
+      }
     }
   });
   return out;
