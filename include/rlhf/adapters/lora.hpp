@@ -114,8 +114,7 @@ class LoRAConv1DImpl : public torch::nn::Module {
     auto flat = x.reshape({-1, options_.in_features});  // [N, in]
     auto shape = x.sizes().vec();
     shape.back() = options_.out_features;
-    auto y = small_rows_addmm(bias, flat, weight);  // decoding steps: one pass over W, as Conv1D (small_matmul.hpp)
-    if (!y.defined()) y = torch::addmm(bias, flat, weight);  // [N, out]
+    auto y = decode_addmm(bias, flat, weight);  // [N, out]; decoding steps: one pass over W, as Conv1D
     // The delta is added when the adapter is on and not merged, subtracted when merged but disabled.
     const double sign = !has_adapter() ? 0.0 : merged_ ? (enabled() ? 0.0 : -1.0) : (enabled() ? 1.0 : 0.0);
     if (sign != 0.0) {

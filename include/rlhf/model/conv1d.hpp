@@ -33,9 +33,7 @@ class Conv1DImpl : public torch::nn::Module {
     auto flat = x.reshape({-1, in_features_});  // [N, in]
     auto shape = x.sizes().vec();
     shape.back() = out_features_;
-    auto y = small_rows_addmm(bias, flat, weight);  // decoding steps: one pass over W (rlhf/core/small_matmul.hpp)
-    if (!y.defined()) y = torch::addmm(bias, flat, weight);
-    y = y.view(shape);
+    auto y = decode_addmm(bias, flat, weight).view(shape);  // decoding steps: one pass over W (core/small_matmul.hpp)
     if (capture) capture->on_forward(x, y);
     return y;
   }
