@@ -412,19 +412,21 @@ TEST_CASE("lora ppo: a tiny LoRA policy learns the token-count reward") {
   auto reward = rlhf::FunctionReward(count_digits);
   auto config = lora_config();
   config.kl_coef = 0.05;
+  config.total_phases = 30;
   rlhf::PPOTrainer<LoRAPolicy, decltype(reward), rlhf::FixedKL> trainer(policy, reward, config,
                                                                          rlhf::GPT2Tokenizer::byte_level());
   std::vector<rlhf::PhaseStats> history;
-  for (int i = 0; i < 20; ++i) history.push_back(trainer.step());
+  for (int i = 0; i < 30; ++i) history.push_back(trainer.step());
   auto mean_reward = [&](int from, int to) {
     double sum = 0;
     for (int i = from; i < to; ++i) sum += history[i].reward_mean;
     return sum / (to - from);
   };
-  const double before = history[0].reward_mean, after = mean_reward(16, 20);
+  const double before = history[0].reward_mean, after = mean_reward(26, 30);
   MESSAGE("LoRA: digits per 12-token sample: " << before << " -> " << after << ", KL " << history.back().kl);
-  // Measured (base_lr 3e-2, KL coefficient 0.05, ~1 s): seed 11 0.1 before any update -> 6.3 over phases 16-19,
-  // KL 21; seeds 12-18 rise by 2.4-9.4 (five of seven by more than 4), KL 15-30.
+  // Measured (base_lr 3e-2, KL coefficient 0.05, 30 phases, ~1 s): seed 11 0.1 before any update -> 6.5 over
+  // phases 26-29, KL 17; seeds 12-24 rise by 5.8-10.5, KL 10-32. After 20 phases the rise was 2.5-9.7, and which
+  // seeds were slow moved with the last bits of the sums (thread count, kernel versions).
   CHECK(before < 3.0);
   CHECK(after > before + 4.0);
   CHECK(history.back().kl < 40.0);

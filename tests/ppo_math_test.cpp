@@ -3,6 +3,7 @@
 #include <rlhf/core/advantages.hpp>
 #include <rlhf/core/logprobs.hpp>
 #include <rlhf/core/masked.hpp>
+#include <rlhf/core/softmax_stats.hpp>
 #include <rlhf/ppo/kl.hpp>
 #include <rlhf/ppo/losses.hpp>
 
@@ -356,6 +357,104 @@ TEST_CASE("ppo policy_token_stats: the values and gradients of the separate log-
         doctest::Contains("policy_token_stats: double backward (create_graph = true) is not supported"),
         std::exception);
   }
+}
+
+/// Runs `f` with the softmax-statistics kernels (where the CPU has AVX-512) and with torch's operators (the kernels
+/// capped below AVX-512 by set_decode_isa()).
+template <class F>
+void with_and_without_kernels(const F& f) {
+  struct RestoreIsa {
+    ~RestoreIsa() { rlhf::set_decode_kernels(true); }
+  } restore;
+  for (const auto isa : {rlhf::DecodeIsa::avx512_bf16, rlhf::DecodeIsa::avx2}) {
+    rlhf::set_decode_isa(isa);
+    const bool kernels = rlhf::detail::avx512_supported() && isa == rlhf::DecodeIsa::avx512_bf16;
+    CAPTURE(kernels);
+    f(kernels);
+  }
+}
+
+/// Logits [37, 1007] (a 15-wide tail after the 16-wide vectors; two threads share the rows) with 20% of the entries
+/// masked to -inf (top-k style), reference logits masking a subset of them (the KL stays finite), and taken tokens
+/// among the unmasked entries, as sampled ones are.
+struct MaskedLogits {
+  torch::Tensor logits, ref, mask, tokens;
+  MaskedLogits() {
+    torch::manual_seed(29);
+    const double inf = std::numeric_limits<double>::infinity();
+    logits = torch::randn({37, 1007}, torch::kDouble) * 3;
+    ref = logits + torch::randn({37, 1007}, torch::kDouble);
+    mask = torch::rand({37, 1007}) < 0.2;
+    logits.masked_fill_(mask, -inf);
+    ref.masked_fill_(mask.logical_and(torch::rand({37, 1007}) < 0.5), -inf);
+    tokens = torch::multinomial(mask.logical_not().to(torch::kFloat), 1).squeeze(1);
+  }
+};
+
+TEST_CASE("ppo policy_token_stats: fp32 and bf16 logits against float64, with and without the AVX-512 kernels") {
+  const MaskedLogits data;
+  const double temperature = 0.7;
+  auto w_lp = torch::randn({37}, torch::kDouble), w_ent = torch::randn({37}, torch::kDouble),
+       w_kl = torch::randn({37}, torch::kDouble);
+  with_and_without_kernels([&](bool kernels) {
+    for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      for (const bool with_ref : {true, false}) {
+        CAPTURE(dtype);
+        CAPTURE(with_ref);
+        auto x = data.logits.to(dtype).requires_grad_(true);
+        auto ref = with_ref ? data.ref.to(dtype) : torch::Tensor();
+        CHECK(rlhf::detail::softmax_stats_kernels_apply(x, with_ref ? ref : torch::empty({0}, x.options())) ==
+              kernels);
+        // float64 on the same (rounded) values: the exact statistics and gradient
+        auto xd = x.detach().to(torch::kDouble).requires_grad_(true);
+        auto exact = rlhf::policy_token_stats(xd, data.tokens, temperature,
+                                              with_ref ? ref.to(torch::kDouble) : torch::Tensor());
+        ((exact.logprobs * w_lp).sum() + (exact.entropy * w_ent).sum() + (exact.kl * w_kl).sum()).backward();
+
+        auto stats = rlhf::policy_token_stats(x, data.tokens, temperature, ref);
+        CHECK((stats.logprobs.scalar_type() == torch::kFloat));
+        CHECK(max_abs_diff(stats.logprobs, exact.logprobs) < 1e-5);
+        CHECK(max_abs_diff(stats.entropy, exact.entropy) < 1e-5);
+        CHECK(max_abs_diff(stats.kl, exact.kl) < 1e-5);
+        ((stats.logprobs * w_lp.to(torch::kFloat)).sum() + (stats.entropy * w_ent.to(torch::kFloat)).sum() +
+         (stats.kl * w_kl.to(torch::kFloat)).sum())
+            .backward();
+        auto grad = x.grad().to(torch::kDouble);
+        CHECK((x.grad().scalar_type() == dtype));
+        // fp32: float arithmetic (3.5e-6 measured, for gradients up to 4.2); bf16: the exact gradient rounded,
+        // within half a bf16 step
+        const double rel = dtype == torch::kBFloat16 ? std::ldexp(1.0, -8) : 0.0;
+        INFO("max gradient error ", max_abs_diff(grad, xd.grad()), " scale ", xd.grad().abs().max().item<double>());
+        CHECK(((grad - xd.grad()).abs() <= xd.grad().abs() * rel + 1e-5).all().item<bool>());
+        CHECK((grad.masked_select(data.mask) == 0).all().item<bool>());  // p = 0: no gradient
+      }
+    }
+  });
+}
+
+TEST_CASE("ppo policy_token_stats: a NaN logit makes its row NaN, a NaN reference logit only that row's KL") {
+  const MaskedLogits data;
+  auto x = data.logits.to(torch::kFloat), ref = data.ref.to(torch::kFloat);
+  x[3][100] = std::numeric_limits<float>::quiet_NaN();
+  ref[5][7] = std::numeric_limits<float>::quiet_NaN();
+  with_and_without_kernels([&](bool) {
+    auto xg = x.clone().requires_grad_(true);
+    auto stats = rlhf::policy_token_stats(xg, data.tokens, 1.0, ref);
+    auto clean = rlhf::policy_token_stats(data.logits.to(torch::kFloat), data.tokens, 1.0, data.ref.to(torch::kFloat));
+    for (const auto& [got, want] : {std::pair{stats.logprobs, clean.logprobs}, {stats.entropy, clean.entropy}}) {
+      CHECK(std::isnan(got[3].item<float>()));
+      CHECK(std::isfinite(got[5].item<float>()));
+      CHECK(max_abs_diff(got.narrow(0, 4, 33), want.narrow(0, 4, 33)) == 0.0);
+    }
+    CHECK(std::isnan(stats.kl[3].item<float>()));
+    CHECK(std::isnan(stats.kl[5].item<float>()));
+    CHECK(max_abs_diff(stats.kl.narrow(0, 6, 31), clean.kl.narrow(0, 6, 31)) == 0.0);
+    (stats.logprobs.narrow(0, 0, 4).sum() + stats.kl.narrow(0, 4, 2).sum()).backward();
+    CHECK(torch::isnan(xg.grad()[3]).all().item<bool>());
+    CHECK(torch::isnan(xg.grad()[5]).all().item<bool>());
+    CHECK(torch::isfinite(xg.grad()[4]).all().item<bool>());
+    CHECK((xg.grad().narrow(0, 6, 31) == 0).all().item<bool>());
+  });
 }
 
 TEST_CASE("ppo token_stats_chunked: same values and gradients as the unchunked computation") {

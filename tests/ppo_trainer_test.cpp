@@ -37,8 +37,8 @@ TEST_CASE("ppo trainer: a tiny model learns a token-count reward") {
     };
     const double before = mean_reward(0, 3), after = mean_reward(25, 30);
     MESSAGE("digits per 12-token sample: " << before << " -> " << after << ", KL " << history.back().kl);
-    // 10 of 257 tokens are digits: a random model writes ~0.47 per 12 tokens. Measured: 0.52 -> 4.8 (reward
-    // placement) and 5.4 (loss placement) with KL 10 and 15.
+    // 10 of 257 tokens are digits: a random model writes ~0.47 per 12 tokens. Measured: 0.52 -> 3.9-4.8 (reward
+    // placement) and 4.9-5.4 (loss placement) with KL 8-10 and 14-15, over kernel versions.
     CHECK(before < 1.0);
     CHECK(after > before + 2.5);
     CHECK(history.back().kl < 25.0);

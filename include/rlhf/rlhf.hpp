@@ -7,7 +7,9 @@
 #include <rlhf/core/precision.hpp>
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/core/decode_attention.hpp>
+#include <rlhf/core/simd512.hpp>
 #include <rlhf/core/gelu.hpp>
+#include <rlhf/core/softmax_stats.hpp>
 #include <rlhf/log/printable.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>

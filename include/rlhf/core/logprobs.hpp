@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include <rlhf/core/masked.hpp>
+#include <rlhf/core/softmax_stats.hpp>
 #include <rlhf/detail/error.hpp>
 
 namespace rlhf {
@@ -196,9 +197,17 @@ inline FusedChunk fused_chunk(const torch::Tensor& logits, const torch::Tensor& 
 /// policy_token_stats' autograd node: the forward pass keeps only the logits (and per-row entropy and KL); the
 /// backward pass recomputes each chunk's softmax and writes the logits' gradient in closed form,
 /// dL/dz = p (-g_lp - g_H (log p + H) + g_KL (log p - log q - KL)) + g_lp onehot(token), z = logits / temperature.
+/// fp32 and bf16 logits on a CPU with AVX-512 take the kernels of core/softmax_stats.hpp instead of the chunk loop
+/// (the forward pass then also keeps the two log-sum-exps per row).
 struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor logits,
                                                 torch::Tensor tokens, torch::Tensor ref_logits, double temperature) {
+    ctx->saved_data["temperature"] = temperature;
+    if (softmax_stats_kernels_apply(logits, ref_logits)) {  // AVX-512, fp32 or bf16 on the CPU
+      auto st = softmax_stats_forward(logits, tokens, ref_logits, temperature);
+      ctx->save_for_backward({logits, tokens, ref_logits, st.entropy, st.kl, st.lse, st.ref_lse});
+      return {st.logprob, st.entropy, st.kl};
+    }
     const int64_t N = logits.size(0);
     const bool with_ref = ref_logits.numel() > 0;
     auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
@@ -210,7 +219,6 @@ struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction>
       if (with_ref) kl.narrow(0, s, n).copy_((c.p * (c.logp_finite - c.ref_logp_finite)).sum(-1));
     });
     ctx->save_for_backward({logits, tokens, ref_logits, ent, kl});
-    ctx->saved_data["temperature"] = temperature;
     return {lp, ent, kl};
   }
 
@@ -231,6 +239,10 @@ struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction>
       return (g.defined() ? g.to(opts.dtype()) : torch::zeros({logits.size(0)}, opts)).unsqueeze(-1);
     };
     auto g_lp = column(grads[0]), g_ent = column(grads[1]), g_kl = column(grads[2]);
+    if (saved.size() == 7)  // the forward pass ran the kernels and kept the log-sum-exps
+      return {softmax_stats_backward(logits, tokens, ref_logits, temperature, g_lp.squeeze(-1), g_ent.squeeze(-1),
+                                     g_kl.squeeze(-1), {{}, ent, kl, saved[5], saved[6]}),
+              torch::Tensor(), torch::Tensor(), torch::Tensor()};
     auto grad = torch::empty_like(logits);
     for_each_chunk(logits, [&](int64_t s, int64_t n) {
       auto c = fused_chunk(logits, ref_logits, s, n, temperature);

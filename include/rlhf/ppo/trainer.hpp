@@ -21,8 +21,10 @@
 #include <rlhf/adapters/freeze.hpp>
 #include <rlhf/adapters/lora.hpp>
 #include <rlhf/core/advantages.hpp>
+#include <rlhf/core/logprobs.hpp>
 #include <rlhf/core/masked.hpp>
 #include <rlhf/core/precision.hpp>
+#include <rlhf/core/softmax_stats.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/generation/sampling.hpp>
 #include <rlhf/model/actor_critic.hpp>
@@ -100,16 +102,24 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 /// Log-probabilities [B, G] of `tokens` [B, G] under logits(hidden [B, G, D]) / temperature, computed `chunk` rows
-/// at a time so the [B, G, V] logits never exist at once.
+/// at a time so the [B, G, V] logits never exist at once (on a CPU with AVX-512 in two passes over each row, by the
+/// kernels of core/softmax_stats.hpp).
 template <class Base>
 torch::Tensor chunked_logprobs(Base& base, const torch::Tensor& hidden, const torch::Tensor& tokens,
                                double temperature, int64_t chunk) {
   std::vector<torch::Tensor> parts;
   for (int64_t start = 0; start < hidden.size(0); start += chunk) {
     const int64_t n = std::min(chunk, hidden.size(0) - start);
-    auto logits = base.logits(hidden.narrow(0, start, n)) / temperature;  // [n, G, V]
-    auto picked = logits.gather(-1, tokens.narrow(0, start, n).unsqueeze(-1)).squeeze(-1);
-    parts.push_back(picked - logits.logsumexp(-1));
+    auto logits = base.logits(hidden.narrow(0, start, n));  // [n, G, V]
+    auto picked = tokens.narrow(0, start, n);
+    auto rows = logits.reshape({-1, logits.size(-1)});
+    if (softmax_stats_kernels_apply(rows, torch::Tensor())) {
+      parts.push_back(softmax_stats_forward(rows, picked.reshape({-1}), torch::Tensor(), temperature)
+                          .logprob.view(picked.sizes()));
+      continue;
+    }
+    logits = logits / temperature;
+    parts.push_back(logits.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1));
   }
   return torch::cat(parts, 0);
 }

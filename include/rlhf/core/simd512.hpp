@@ -1,0 +1,110 @@
+#pragma once
+/// @file AVX-512 building blocks of the element-wise kernels (GELU, the softmax statistics): partial loads and
+/// stores of fp32 and bf16 (as uint16_t) vectors, bf16 rounding, exp of non-positive arguments, and the test of
+/// whether a tensor can take such a kernel.
+
+#include <cstdint>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <torch/torch.h>
+
+#include <rlhf/core/small_matmul.hpp>
+
+namespace rlhf::detail {
+
+/// Whether this CPU has what the element-wise kernels use: AVX-512 F, BW and VL.
+inline bool avx512_supported() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+
+/// The target of every function that uses the helpers below.
+#define RLHF_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// The zero-masked forms of the intrinsics, with every lane selected: GCC 12's unmasked ones start from an
+// "undefined" vector that -Wmaybe-uninitialized reports.
+inline constexpr __mmask16 all16 = 0xFFFF;
+
+/// The first `count` (1-16) of 16 floats, the others 0 (their memory not read).
+RLHF_AVX512_TARGET inline __m512 load_part(const float* p, int64_t count) {
+  return count == 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lanes_below(count), p);
+}
+
+/// The first `count` (1-16) of 16 bf16 as floats, the others 0 (their memory not read). bf16 is the high half of
+/// fp32.
+RLHF_AVX512_TARGET inline __m512 load_part(const uint16_t* p, int64_t count) {
+  const __m256i half = count == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                   : _mm256_maskz_loadu_epi16(lanes_below(count), p);
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all16, _mm512_maskz_cvtepu16_epi32(all16, half), 16));
+}
+
+/// 16 floats rounded to bf16 (to nearest even; NaN stays NaN), stored.
+RLHF_AVX512_TARGET inline void store_bf16x16(uint16_t* p, __m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(all16, bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_maskz_srli_epi32(all16, _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtepi32_epi16(all16, bits));
+}
+
+/// The first `count` (1-16) of 16 floats stored (the memory past them untouched).
+RLHF_AVX512_TARGET inline void store_part(float* p, __m512 v, int64_t count) {
+  if (count == 16) return _mm512_storeu_ps(p, v);
+  _mm512_mask_storeu_ps(p, lanes_below(count), v);
+}
+
+/// The first `count` (1-16) of 16 floats rounded to bf16 and stored (the memory past them untouched).
+RLHF_AVX512_TARGET inline void store_part(uint16_t* p, __m512 v, int64_t count) {
+  if (count == 16) return store_bf16x16(p, v);
+  alignas(32) uint16_t all[16];
+  store_bf16x16(all, v);
+  _mm256_mask_storeu_epi16(p, lanes_below(count), _mm256_load_si256(reinterpret_cast<const __m256i*>(all)));
+}
+
+/// exp(y) for y <= 0 (to ~1 ulp; below -87 the result is 0 or near it): 2^n p(r), y = n ln 2 + r, |r| <= ln 2 / 2.
+RLHF_AVX512_TARGET inline __m512 exp_nonpositive(__m512 y) {
+  y = _mm512_maskz_max_ps(all16, y, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_maskz_roundscale_ps(all16, _mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y);  // ln 2 in two parts (Cody and Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(all16, p, n);
+}
+
+#endif
+
+/// Whether the element-wise kernels take `x`: an fp32 or bf16 CPU tensor, a CPU with AVX-512 F, BW and VL, and the
+/// kernels not capped below AVX-512 (set_decode_isa()).
+inline bool avx512_kernels_apply(const torch::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  return avx512_supported() && decode_isa() >= DecodeIsa::avx512 && x.device().is_cpu() &&
+         x.layout() == torch::kStrided && (dtype == torch::kFloat || dtype == torch::kBFloat16);
+}
+
+/// `f(T{})` with T the element type of `x`'s dtype as the kernels see it: float, or uint16_t for bf16.
+template <class F>
+void float_or_bf16_dispatch(const torch::Tensor& x, const F& f) {
+  if (x.scalar_type() == torch::kBFloat16)
+    f(uint16_t{});
+  else
+    f(float{});
+}
+
+}  // namespace rlhf::detail
