@@ -87,10 +87,7 @@ GPT2<> tiny_model_wide_heads(uint64_t seed) {
 
 float max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<float>(); }
 
-/// Puts the decode kernels back to the CPU's best when a test ends.
-struct RestoreDecodeIsa {
-  ~RestoreDecodeIsa() { rlhf::set_decode_kernels(true); }
-};
+using rlhf::test::RestoreDecodeIsa;
 
 /// The operand rounded to bf16, in fp64: products of such operands in fp64 are what a bf16 product with fp32 sums
 /// approximates before its result is rounded.

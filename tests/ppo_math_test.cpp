@@ -363,9 +363,7 @@ TEST_CASE("ppo policy_token_stats: the values and gradients of the separate log-
 /// capped below AVX-512 by set_decode_isa()).
 template <class F>
 void with_and_without_kernels(const F& f) {
-  struct RestoreIsa {
-    ~RestoreIsa() { rlhf::set_decode_kernels(true); }
-  } restore;
+  rlhf::test::RestoreDecodeIsa restore;
   for (const auto isa : {rlhf::DecodeIsa::avx512_bf16, rlhf::DecodeIsa::avx2}) {
     rlhf::set_decode_isa(isa);
     const bool kernels = rlhf::detail::avx512_supported() && isa == rlhf::DecodeIsa::avx512_bf16;

@@ -236,3 +236,28 @@ TEST_CASE("ppo trainer: a run resumed from save_state continues exactly as an un
                            .c_str(),
                        rlhf::Error);
 }
+
+TEST_CASE("ppo trainer: the rollout's log-probs on the kernels equal torch's, and a token out of range is refused") {
+  auto policy = rlhf::test::tiny_byte_policy(5);
+  torch::NoGradGuard no_grad;
+  auto& base = *policy->base;
+  auto hidden = base.forward(torch::randint(0, 257, {5, 9}), torch::ones({5, 9}, torch::kLong));  // [5, 9, D]
+  auto tokens = torch::randint(0, 257, {5, 9});
+  // Two rows per chunk, temperature 0.7; torch's log-softmax of the same logits is the reference.
+  auto expected = torch::log_softmax(base.logits(hidden) / 0.7, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1);
+  rlhf::test::RestoreDecodeIsa restore;
+  for (const auto isa : {rlhf::DecodeIsa::avx512_bf16, rlhf::DecodeIsa::avx2}) {
+    rlhf::set_decode_isa(isa);
+    auto got = rlhf::detail::chunked_logprobs(base, hidden, tokens, 0.7, 2);
+    CHECK((got - expected).abs().max().item<double>() < 1e-5);
+    auto bad = tokens.clone();
+    bad[3][4] = 257;
+    CHECK_THROWS_AS(rlhf::detail::chunked_logprobs(base, hidden, bad, 0.7, 2), std::exception);
+  }
+  rlhf::set_decode_kernels(true);
+  if (!rlhf::detail::avx512_supported()) return;  // torch's gather refused the tokens above with its own message
+  CHECK_THROWS_WITH_AS(rlhf::detail::chunked_logprobs(base, hidden, tokens.masked_fill(tokens.eq(tokens[0][0]), -1),
+                                                      0.7, 2),
+                       "chunked_logprobs: token ids must lie in [0, 257) (the vocabulary of the logits), found -1",
+                       rlhf::Error);
+}

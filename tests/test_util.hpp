@@ -21,6 +21,8 @@
 
 #include <unistd.h>
 
+#include <rlhf/core/small_matmul.hpp>
+
 namespace rlhf::test {
 
 /// A fresh directory under the system temp dir, removed with its contents on destruction.
@@ -45,6 +47,12 @@ class TempDir {
 
  private:
   std::filesystem::path path_;
+};
+
+/// Puts the CPU kernels (decode, GELU, softmax statistics) back to the CPU's best when a test ends, after it capped
+/// them with set_decode_isa().
+struct RestoreDecodeIsa {
+  ~RestoreDecodeIsa() { rlhf::set_decode_kernels(true); }
 };
 
 }  // namespace rlhf::test

@@ -113,7 +113,8 @@ torch::Tensor chunked_logprobs(Base& base, const torch::Tensor& hidden, const to
     auto logits = base.logits(hidden.narrow(0, start, n));  // [n, G, V]
     auto picked = tokens.narrow(0, start, n);
     auto rows = logits.reshape({-1, logits.size(-1)});
-    if (softmax_stats_kernels_apply(rows, torch::Tensor())) {
+    if (softmax_stats_kernels_apply(rows, torch::Tensor())) {  // the kernels index the row by token: check them
+      ppo_math::check_token_range("chunked_logprobs", picked, rows.size(1));
       parts.push_back(softmax_stats_forward(rows, picked.reshape({-1}), torch::Tensor(), temperature)
                           .logprob.view(picked.sizes()));
       continue;
