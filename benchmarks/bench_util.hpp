@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <fstream>
+#include <map>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -18,6 +19,7 @@
 
 #include <malloc.h>
 
+#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <torch/torch.h>
 #ifdef RLHF_BENCH_CUDA  // benchmarks/CMakeLists.txt defines it when LibTorch is built with CUDA
@@ -27,6 +29,35 @@
 #include <rlhf/rlhf.hpp>
 
 namespace rlhf::bench {
+
+// ---- the library's CPU kernels ----
+
+/// rlhf::DecodeIsa's values by name.
+inline const std::map<std::string, DecodeIsa>& decode_isas() {
+  static const std::map<std::string, DecodeIsa> isas{{"avx512_bf16", DecodeIsa::avx512_bf16},
+                                                     {"avx512", DecodeIsa::avx512},
+                                                     {"avx2", DecodeIsa::avx2},
+                                                     {"none", DecodeIsa::none}};
+  return isas;
+}
+
+/// The name of `isa`.
+inline std::string decode_isa_name(DecodeIsa isa) {
+  for (const auto& [name, value] : decode_isas())
+    if (value == isa) return name;
+  return "?";
+}
+
+/// Adds --decode-isa to `app`: the best instruction set the library's CPU kernels (decoding, GELU, softmax
+/// statistics, the AVX-512 products) may use, for rlhf::set_decode_isa(); `none` runs torch's operators only.
+inline CLI::Option* add_decode_isa_option(CLI::App& app, DecodeIsa& cap) {
+  return app
+      .add_option("--decode-isa", cap,
+                  "the best instruction set the library's CPU kernels may use (rlhf::set_decode_isa); none = torch's "
+                  "operators only")
+      ->transform(CLI::CheckedTransformer(decode_isas()))
+      ->default_str("avx512_bf16");
+}
 
 // ---- timing and machine probes ----
 
@@ -51,18 +82,21 @@ inline double copy_bandwidth(torch::Device device = torch::kCPU, int64_t bytes =
   return 2.0 * static_cast<double>(src.nbytes()) / best;
 }
 
-/// Achieved FLOP/s of one [m, k] x [k, n] matmul in `dtype` on `device` (CPU fp32: OpenBLAS; CPU bf16: oneDNN;
-/// CUDA: cuBLAS), best of `repeats` after one warm-up call.
+/// Achieved FLOP/s of one [m, k] x [k, n] product in `dtype` on `device`, best of `repeats` after one warm-up call:
+/// torch's matmul (CPU fp32: OpenBLAS; CPU bf16: oneDNN; CUDA: cuBLAS), or with `library` the library's fp32 CPU
+/// kernels (rlhf::gemm_addmm; 0 where they do not apply).
 inline double matmul_flops(torch::ScalarType dtype, int64_t m, int64_t k, int64_t n, torch::Device device = torch::kCPU,
-                           int repeats = 5) {
+                           bool library = false, int repeats = 5) {
   auto a = torch::randn({m, k}).to(device, dtype);
   auto b = torch::randn({k, n}).to(device, dtype);
-  auto c = torch::matmul(a, b);
+  if (library && !gemm_applies({&a, &b})) return 0.0;
+  const auto product = [&] { return library ? gemm_addmm({}, a, b) : torch::matmul(a, b); };
+  auto c = product();
   double best = 1e30;
   for (int i = 0; i < repeats; ++i) {
     synchronize(device);
     auto start = std::chrono::steady_clock::now();
-    c = torch::matmul(a, b);
+    c = product();
     synchronize(device);
     best = std::min(best, seconds_since(start));
   }
@@ -72,12 +106,15 @@ inline double matmul_flops(torch::ScalarType dtype, int64_t m, int64_t k, int64_
 /// One matmul shape of the ceiling probe and what it reached.
 struct MatmulPoint {
   int64_t m = 0, k = 0, n = 0;
-  double flops = 0;  ///< FLOP/s
+  double flops = 0;          ///< FLOP/s, torch's matmul
+  double library_flops = 0;  ///< FLOP/s, the library's kernels (0 where they do not apply)
 };
 
 /// The machine's matmul ceiling in `dtype` (FLOP/s): the best of the GEMMs a GPT-2 training step is made of
 /// (`d_model` wide: use 768 or more, small widths do not reach the machine's ceiling), with `rows` = minibatch
-/// tokens (e.g. 8 x 66 = 528) and a large 2048-row case. `points` receives every shape.
+/// tokens (e.g. 8 x 66 = 528) and a large 2048-row case, each by torch's matmul and by the library's fp32 kernels
+/// where they apply (they outrun OpenBLAS where it runs AVX2 kernels on an AVX-512 CPU). `points` receives every
+/// shape.
 inline double matmul_ceiling(torch::ScalarType dtype, int64_t d_model, int64_t rows,
                              std::vector<MatmulPoint>* points = nullptr, torch::Device device = torch::kCPU) {
   const std::vector<std::array<int64_t, 3>> shapes = {
@@ -85,9 +122,10 @@ inline double matmul_ceiling(torch::ScalarType dtype, int64_t d_model, int64_t r
       {2048, d_model, 4 * d_model}, {2048, 4 * d_model, d_model}};
   double best = 0;
   for (const auto& [m, k, n] : shapes) {
-    const double flops = matmul_flops(dtype, m, k, n, device);
-    if (points) points->push_back({m, k, n, flops});
-    best = std::max(best, flops);
+    const MatmulPoint point{m, k, n, matmul_flops(dtype, m, k, n, device),
+                            matmul_flops(dtype, m, k, n, device, /*library=*/true)};
+    if (points) points->push_back(point);
+    best = std::max({best, point.flops, point.library_flops});
   }
   return best;
 }

@@ -41,16 +41,9 @@ int main(int argc, char** argv) {
   bool kernels = true;
   app.add_flag("!--no-decode-kernels", kernels, "decode with torch's addmm / matmul only (rlhf::set_decode_kernels)");
   rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512_bf16;
-  const std::map<std::string, rlhf::DecodeIsa> isas{{"avx512_bf16", rlhf::DecodeIsa::avx512_bf16},
-                                                    {"avx512", rlhf::DecodeIsa::avx512},
-                                                    {"avx2", rlhf::DecodeIsa::avx2},
-                                                    {"none", rlhf::DecodeIsa::none}};
-  app.add_option("--decode-isa", isa_cap, "the best instruction set the decode kernels may use (rlhf::set_decode_isa)")
-      ->transform(CLI::CheckedTransformer(isas))
-      ->default_str("avx512_bf16");
+  rlhf::bench::add_decode_isa_option(app, isa_cap);
   CLI11_PARSE(app, argc, argv);
   rlhf::set_decode_isa(kernels ? isa_cap : rlhf::DecodeIsa::none);
-  const std::string isa_name[] = {"none", "avx2", "avx512", "avx512_bf16"};
 
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
@@ -59,7 +52,7 @@ int main(int argc, char** argv) {
   rlhf::GPT2<> model(config);
   nlohmann::json results = nlohmann::json::array();
   fmt::print("threads {}, copy bandwidth {:.1f} GB/s, decode kernels: {}\n", runtime.threads, bandwidth / 1e9,
-             isa_name[static_cast<int>(rlhf::decode_isa())]);
+             rlhf::bench::decode_isa_name(rlhf::decode_isa()));
   fmt::print("{:<6} {:>5} {:>12} {:>12} {:>14} {:>8}\n", "dtype", "batch", "tokens/s", "ms/step", "floor ms/step",
              "x floor");
   for (const auto& name : dtypes) {
@@ -85,7 +78,7 @@ int main(int argc, char** argv) {
     }
   }
   fmt::print("{}\n", nlohmann::json{{"benchmark", "generation"}, {"threads", runtime.threads}, {"decode_kernels", kernels},
-                                    {"decode_isa", isa_name[static_cast<int>(rlhf::decode_isa())]},
+                                    {"decode_isa", rlhf::bench::decode_isa_name(rlhf::decode_isa())},
                                     {"copy_bandwidth_gb_s", bandwidth / 1e9}, {"results", results}}
                          .dump());
 }

@@ -142,7 +142,10 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-batch1", a.batch1, "skip the batch-1 sampling measurement");
   app.add_flag("--recompute-old-logprobs", a.recompute_old_logprobs,
                "a second policy forward for the old log-probs and values (PPOConfig::recompute_old_logprobs)");
+  rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512_bf16;
+  rlhf::bench::add_decode_isa_option(app, isa_cap);
   CLI11_PARSE(app, argc, argv);
+  rlhf::set_decode_isa(isa_cap);
   if (a.prompt_tokens < 2 || a.prompts % a.minibatches != 0 || a.phases < 1) {
     fmt::print(stderr, "ppo_phase: need --prompt-tokens >= 2, --prompts divisible by --minibatches, --phases >= 1\n");
     return 2;
@@ -352,7 +355,9 @@ int main(int argc, char** argv) {
 
   auto points_json = [](const std::vector<bench::MatmulPoint>& points) {
     nlohmann::json out = nlohmann::json::array();
-    for (const auto& p : points) out.push_back({{"m", p.m}, {"k", p.k}, {"n", p.n}, {"tflops", p.flops / 1e12}});
+    for (const auto& p : points)
+      out.push_back({{"m", p.m}, {"k", p.k}, {"n", p.n}, {"tflops", p.flops / 1e12},
+                     {"library_tflops", p.library_flops / 1e12}});
     return out;
   };
   nlohmann::json result = {
@@ -362,6 +367,7 @@ int main(int argc, char** argv) {
       {"precision", a.precision},
       {"device", device.str()},
       {"threads", runtime.threads},
+      {"decode_isa", rlhf::bench::decode_isa_name(rlhf::decode_isa())},
       {"allocator", runtime.allocator},
       {"prompts", a.prompts},
       {"prompt_tokens", a.prompt_tokens},

@@ -71,7 +71,10 @@ int main(int argc, char** argv) {
   app.add_option("--vocab", config.vocab_size)->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
   app.add_flag("!--no-lora", lora_too, "measure full fine-tuning only");
+  rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512_bf16;
+  rlhf::bench::add_decode_isa_option(app, isa_cap);
   CLI11_PARSE(app, argc, argv);
+  rlhf::set_decode_isa(isa_cap);
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
 
@@ -101,5 +104,8 @@ int main(int argc, char** argv) {
     for (auto p : {rlhf::Precision::fp32, rlhf::Precision::bf16})
       report("lora", p, step_seconds(lora, p, args), flops * 2.0 / 3.0);
   }
-  fmt::print("{}\n", nlohmann::json{{"benchmark", "train_step"}, {"threads", runtime.threads}, {"results", results}}.dump());
+  fmt::print("{}\n", nlohmann::json{{"benchmark", "train_step"},
+                                    {"threads", runtime.threads},
+                                    {"decode_isa", rlhf::bench::decode_isa_name(rlhf::decode_isa())},
+                                    {"results", results}}.dump());
 }

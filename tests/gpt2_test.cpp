@@ -1,5 +1,6 @@
 #include "test_util.hpp"
 
+#include <array>
 #include <cmath>
 #include <filesystem>
 
@@ -368,6 +369,138 @@ TEST_CASE("few-row decode kernels stay out of autograd and follow the switch") {
   rlhf::set_decode_kernels(true);
   CHECK(max_diff(with, without) < 1e-5);
   CHECK(max_diff(with, model->logits(model->forward(ids)).detach()) < 1e-5);
+}
+
+TEST_CASE("AVX-512 fp32 products (core/gemm.hpp) equal float64's in every layout, past every block edge") {
+  using rlhf::gemm_addmm;
+  auto x = torch::randn({9, 20});
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512) {  // other CPUs: torch's operators run
+    CHECK_FALSE(rlhf::gemm_applies({&x}));
+    return;
+  }
+  torch::manual_seed(11);
+  RestoreDecodeIsa restore;
+  // (m, n, k) past the 8 x 48 tile, the 128-row, 256-deep and 3072-column blocks, with m > n (threads split rows)
+  // and n >= m (threads split columns), and k = 1.
+  const std::vector<std::array<int64_t, 3>> shapes = {
+      {1, 1, 1}, {7, 47, 3}, {8, 48, 256}, {9, 49, 257}, {130, 100, 513}, {17, 3100, 20}, {300, 50, 40}, {64, 200, 1}};
+  for (const auto& [m, n, k] : shapes) {
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(k);
+    const auto a64 = torch::randn({m, k}, torch::kDouble), b64 = torch::randn({k, n}, torch::kDouble);
+    const auto bias64 = torch::randn({n}, torch::kDouble);
+    const auto want = torch::addmm(bias64, a64, b64);
+    const double tolerance = 1e-6 * (10.0 + static_cast<double>(k));
+    // a and b as given, transposed views of the other layout, and a broadcast (stride 0) row.
+    for (bool a_t : {false, true})
+      for (bool b_t : {false, true}) {
+        CAPTURE(a_t);
+        CAPTURE(b_t);
+        auto a = a_t ? a64.t().contiguous().to(torch::kFloat).t() : a64.to(torch::kFloat);
+        auto b = b_t ? b64.t().contiguous().to(torch::kFloat).t() : b64.to(torch::kFloat);
+        CHECK(a.stride(a_t ? 0 : 1) == 1);  // read in place, transposed or not
+        auto y = gemm_addmm(bias64.to(torch::kFloat), a, b);
+        CHECK(y.sizes() == torch::IntArrayRef{m, n});
+        CHECK((y.to(torch::kDouble) - want).abs().max().item<double>() < tolerance);
+        CHECK((gemm_addmm({}, a, b).to(torch::kDouble) - a64.mm(b64)).abs().max().item<double>() < tolerance);
+      }
+    auto row = torch::randn({1, k}, torch::kDouble);
+    auto broadcast = gemm_addmm({}, row.to(torch::kFloat).expand({m, k}), b64.to(torch::kFloat));
+    CHECK((broadcast.to(torch::kDouble) - row.expand({m, k}).mm(b64)).abs().max().item<double>() < tolerance);
+  }
+  // k = 0: the bias alone; empty results.
+  CHECK(torch::equal(gemm_addmm(torch::ones({5}), torch::randn({3, 0}), torch::randn({0, 5})), torch::ones({3, 5})));
+  CHECK(gemm_addmm({}, torch::randn({0, 4}), torch::randn({4, 6})).sizes() == torch::IntArrayRef{0, 6});
+  // Refused: shapes that do not agree, other dtypes, autocast, and the kernels capped below AVX-512.
+  CHECK_THROWS_WITH_AS(gemm_addmm({}, torch::randn({3, 4}), torch::randn({5, 6})),
+                       doctest::Contains("shapes [3, 4] x [5, 6] (bias none)"), rlhf::Error);
+  auto d = torch::randn({3, 4}, torch::kDouble);
+  CHECK_FALSE(rlhf::gemm_applies({&x, &d}));
+  {
+    rlhf::AutocastScope autocast(rlhf::Precision::bf16, torch::kCPU);
+    CHECK_FALSE(rlhf::gemm_applies({&x}));
+  }
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx2);
+  CHECK_FALSE(rlhf::gemm_applies({&x}));
+  CHECK_THROWS_AS(gemm_addmm({}, x, torch::randn({20, 3})), rlhf::Error);
+}
+
+TEST_CASE("AVX-512 fp32 products: the linear layers' and vocabulary projection's gradients equal torch's") {
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512) return;  // the test above checks that they decline
+  torch::manual_seed(12);
+  RestoreDecodeIsa restore;
+  // y = bias + x w and y = x e^T with a non-trivial upstream gradient, on the kernels and on torch's operators.
+  const auto x0 = torch::randn({70, 33}), w0 = torch::randn({33, 50}), b0 = torch::randn({50}),
+             e0 = torch::randn({90, 33}), up = torch::randn({70, 50}), up_nt = torch::randn({70, 90});
+  struct Grads {
+    std::string node;
+    torch::Tensor y, dx, dw, db, y_nt, dx_nt, de;
+  };
+  auto run = [&](bool frozen_w) {
+    auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_(!frozen_w), b = b0.clone().requires_grad_();
+    auto e = e0.clone().requires_grad_();
+    Grads g;
+    g.y = rlhf::linear_addmm(b, x, w);
+    g.node = g.y.grad_fn()->name();
+    (g.y * up).sum().backward();
+    g.dx = x.grad().clone(), g.db = b.grad().clone();
+    if (!frozen_w) g.dw = w.grad().clone();
+    else CHECK_FALSE(w.grad().defined());
+    x.mutable_grad().reset();
+    g.y_nt = rlhf::linear_mm_nt(x, e);
+    (g.y_nt * up_nt).sum().backward();
+    g.dx_nt = x.grad(), g.de = e.grad();
+    return g;
+  };
+  for (bool frozen_w : {false, true}) {
+    CAPTURE(frozen_w);
+    rlhf::set_decode_isa(rlhf::DecodeIsa::avx512);
+    const auto kernels = run(frozen_w);
+    CHECK(kernels.node.find("GemmAddmmFunction") != std::string::npos);
+    rlhf::set_decode_isa(rlhf::DecodeIsa::none);
+    const auto torch_ops = run(frozen_w);
+    CHECK(torch_ops.node == "AddmmBackward0");
+    CHECK(max_diff(kernels.y, torch_ops.y) < 1e-4);
+    CHECK(max_diff(kernels.dx, torch_ops.dx) < 1e-4);
+    CHECK(max_diff(kernels.db, torch_ops.db) < 1e-4);
+    if (!frozen_w) CHECK(max_diff(kernels.dw, torch_ops.dw) < 1e-4);
+    CHECK(max_diff(kernels.y_nt, torch_ops.y_nt) < 1e-4);
+    CHECK(max_diff(kernels.dx_nt, torch_ops.dx_nt) < 1e-4);
+    CHECK(max_diff(kernels.de, torch_ops.de) < 1e-4);
+  }
+  // A second derivative (create_graph): the backward runs on torch's operators and is itself differentiable.
+  auto second = [&] {
+    auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+    auto y = rlhf::linear_addmm(b0, x, w);
+    auto dx = torch::autograd::grad({(y * up).sum()}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+    return torch::autograd::grad({dx.pow(2).sum()}, {w})[0];
+  };
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx512);
+  const auto on_kernels = second();
+  rlhf::set_decode_isa(rlhf::DecodeIsa::none);
+  CHECK(max_diff(on_kernels, second()) < 1e-3);
+}
+
+TEST_CASE("GPT-2's forward and backward on the AVX-512 products equal torch's") {
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512) return;
+  RestoreDecodeIsa restore;
+  auto ids = torch::randint(0, 37, {3, 11}, torch::kLong);
+  auto run = [&](rlhf::DecodeIsa isa) {
+    rlhf::set_decode_isa(isa);
+    auto model = tiny_model(9);  // eval(): no dropout, the same forward both times
+    auto logits = model->logits(model->forward(ids));
+    (logits.log_softmax(-1).select(-1, 3).sum()).backward();
+    std::vector<torch::Tensor> out{logits.detach()};
+    for (const auto& p : model->parameters()) out.push_back(p.grad().clone());
+    return out;
+  };
+  const auto kernels = run(rlhf::DecodeIsa::avx512), torch_ops = run(rlhf::DecodeIsa::none);
+  REQUIRE(kernels.size() == torch_ops.size());
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    CAPTURE(i);
+    CHECK(max_diff(kernels[i], torch_ops[i]) < 1e-4);
+  }
 }
 
 TEST_CASE("fp32 decoding with left padding through the fused attention gives the full forward's logits") {

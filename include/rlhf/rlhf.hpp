@@ -6,6 +6,7 @@
 #include <rlhf/runtime.hpp>
 #include <rlhf/core/precision.hpp>
 #include <rlhf/core/small_matmul.hpp>
+#include <rlhf/core/gemm.hpp>
 #include <rlhf/core/decode_attention.hpp>
 #include <rlhf/core/simd512.hpp>
 #include <rlhf/core/gelu.hpp>

@@ -19,7 +19,7 @@
 #include <torch/torch.h>
 
 #include <rlhf/adapters/adapter.hpp>
-#include <rlhf/core/small_matmul.hpp>
+#include <rlhf/core/gemm.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
 #include <rlhf/io/safetensors.hpp>
@@ -114,7 +114,7 @@ class LoRAConv1DImpl : public torch::nn::Module {
     auto flat = x.reshape({-1, options_.in_features});  // [N, in]
     auto shape = x.sizes().vec();
     shape.back() = options_.out_features;
-    auto y = decode_addmm(bias, flat, weight);  // [N, out]; decoding steps: one pass over W, as Conv1D
+    auto y = linear_addmm(bias, flat, weight);  // [N, out], on the kernels Conv1D takes
     // The delta is added when the adapter is on and not merged, subtracted when merged but disabled.
     const double sign = !has_adapter() ? 0.0 : merged_ ? (enabled() ? 0.0 : -1.0) : (enabled() ? 1.0 : 0.0);
     if (sign != 0.0) {

@@ -640,7 +640,7 @@ inline torch::Tensor small_rows_bf16(const torch::Tensor& bias, const torch::Ten
 
 /// `bias` [N] (or undefined) + `x` [M, K] `w` [K, N] under the conditions of the file comment: fp32 for
 /// M <= small_rows_addmm_max_rows(), bf16 at any M inside a DecodePackScope; undefined when they do not hold (use
-/// torch::addmm then, or decode_addmm, which does).
+/// torch::addmm then, or linear_addmm (core/gemm.hpp), which does).
 inline torch::Tensor small_rows_addmm(const torch::Tensor& bias, const torch::Tensor& x, const torch::Tensor& w) {
 #if defined(__GNUC__) && defined(__x86_64__)
   if (x.dim() != 2 || w.dim() != 2 || x.size(0) < 1 || x.size(1) != w.size(0) ||
@@ -666,13 +666,6 @@ inline torch::Tensor small_rows_addmm(const torch::Tensor& bias, const torch::Te
 #else
   return {};
 #endif
-}
-
-/// `bias` + `x` `w` (Conv1D's layout, w [K, N]) through small_rows_addmm where it takes the product, torch::addmm
-/// otherwise: the product of GPT-2's linear layers, adapted or not.
-inline torch::Tensor decode_addmm(const torch::Tensor& bias, const torch::Tensor& x, const torch::Tensor& w) {
-  auto y = small_rows_addmm(bias, x, w);
-  return y.defined() ? y : torch::addmm(bias, x, w);
 }
 
 /// `x` [M, K] `e`^T with `e` [N, K] under the conditions of the file comment: fp32 for M <= kSmallRowsMmNt, bf16 at

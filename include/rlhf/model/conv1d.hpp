@@ -5,7 +5,7 @@
 
 #include <torch/torch.h>
 
-#include <rlhf/core/small_matmul.hpp>
+#include <rlhf/core/gemm.hpp>
 #include <rlhf/model/capture_point.hpp>
 
 namespace rlhf {
@@ -33,7 +33,7 @@ class Conv1DImpl : public torch::nn::Module {
     auto flat = x.reshape({-1, in_features_});  // [N, in]
     auto shape = x.sizes().vec();
     shape.back() = out_features_;
-    auto y = decode_addmm(bias, flat, weight).view(shape);  // decoding steps: one pass over W (core/small_matmul.hpp)
+    auto y = linear_addmm(bias, flat, weight).view(shape);  // kernels of core/small_matmul.hpp and core/gemm.hpp
     if (capture) capture->on_forward(x, y);
     return y;
   }

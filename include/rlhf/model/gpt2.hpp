@@ -17,6 +17,7 @@
 #include <rlhf/adapters/no_adapter.hpp>
 #include <rlhf/core/decode_attention.hpp>
 #include <rlhf/core/gelu.hpp>
+#include <rlhf/core/gemm.hpp>
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
@@ -280,15 +281,13 @@ class GPT2Impl : public torch::nn::Module {
   /// Pass only the positions you need (e.g. the last one when sampling): the full [B, T, V] is large.
   torch::Tensor logits(const torch::Tensor& hidden) {
     const auto& wte = transformer->wte->weight;  // [V, D]
-    if (hidden.numel() <= kSmallRowsMmNt * hidden.size(-1)) {  // decoding: one pass over wte (core/small_matmul.hpp)
-      auto shape = hidden.sizes().vec();
-      shape.back() = wte.size(0);
-      // contiguous(): the first decoding step projects a strided [B, D] slice of the prompt's hidden states
-      auto rows = hidden.reshape({-1, hidden.size(-1)}).to(wte.scalar_type()).contiguous();
-      if (auto y = small_rows_mm_nt(rows, wte); y.defined())
-        return y.to(torch::kFloat).view(shape);  // bf16 under autocast or with bf16 weights, as torch's matmul
-    }
-    auto y = torch::matmul(hidden.to(wte.scalar_type()), wte.t()).to(torch::kFloat);
+    auto shape = hidden.sizes().vec();
+    shape.back() = wte.size(0);
+    // contiguous(): the first decoding step projects a strided [B, D] slice of the prompt's hidden states
+    auto rows = hidden.reshape({-1, hidden.size(-1)}).to(wte.scalar_type()).contiguous();
+    if (auto y = small_rows_mm_nt(rows, wte); y.defined())  // decoding: one pass over wte (core/small_matmul.hpp)
+      return y.to(torch::kFloat).view(shape);  // bf16 under autocast or with bf16 weights, as torch's matmul
+    auto y = linear_mm_nt(rows, wte).to(torch::kFloat).view(shape);  // fp32: core/gemm.hpp's kernels
     if (transformer->head_capture) transformer->head_capture->on_forward(hidden, y);
     return y;
   }
