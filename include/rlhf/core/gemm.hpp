@@ -120,6 +120,43 @@ inline void gemm_pack_a(const StridedMatrix& a, int64_t i0, int64_t mc, int64_t 
   }
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+
+/// dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < 16: a 16 x 16 block transposed in registers (pairs
+/// of 32-bit lanes, then of 64-bit lanes, then 128-bit lanes twice). Zero-masked forms with every lane selected, as
+/// elsewhere (GCC 12's unmasked shuffles start from an "undefined" vector).
+__attribute__((target("avx512f"))) inline void transpose16x16(const float* src, int64_t src_stride, float* dst,
+                                                              int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane l: rows 2i, 2i + 1 at columns 4l, 4l + 1 (lo) and 4l + 2, 4l + 3
+    t[2 * i] = _mm512_maskz_unpacklo_ps(0xFFFF, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_maskz_unpackhi_ps(0xFFFF, r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane l: rows 4i .. 4i + 3 at column 4l + j
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, c, d));
+  }
+  for (int j = 0; j < 4; ++j) {  // lanes 0, 2 (0x88) or 1, 3 (0xDD) of each operand
+    t[j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0xDD);
+    t[8 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {  // column j, 4 + j, 8 + j, 12 + j: rows 0 .. 15
+    _mm512_storeu_ps(dst + j * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(dst + (8 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0xDD));
+    _mm512_storeu_ps(dst + (4 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0xDD));
+  }
+}
+
+#endif
+
 /// Rows (k) [p0, p0 + kc) and columns [j0, j0 + nc) of `b` into panels of kGemmNr columns: panel q holds, for each
 /// k, the values of its columns (columns past nc are 0).
 inline void gemm_pack_b(const StridedMatrix& b, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* out) {
@@ -133,8 +170,23 @@ inline void gemm_pack_b(const StridedMatrix& b, int64_t p0, int64_t kc, int64_t 
         std::copy(from, from + cols, to);
         std::fill(to + cols, to + kGemmNr, 0.0f);
       }
-    } else {  // columns of b contiguous (b = e^T): one column at a time
+    } else {  // columns of b not contiguous (b = e^T): 16 x 16 blocks transposed, the rest one value at a time
+      int64_t full = 0;  // columns [0, full) x k [0, kc_full) go through transpose16x16
+      const int64_t kc_full = b.row_stride == 1 ? kc / 16 * 16 : 0;
+#if defined(__GNUC__) && defined(__x86_64__)
+      if (kc_full > 0) {
+        full = cols / 16 * 16;
+        for (int64_t c = 0; c < full; c += 16)
+          for (int64_t p = 0; p < kc_full; p += 16)
+            transpose16x16(src + c * b.col_stride + p, b.col_stride, out + p * kGemmNr + c, kGemmNr);
+      }
+#endif
       for (int64_t c = 0; c < kGemmNr; ++c) {
+        if (c < full) {  // the k tail of a transposed column
+          const float* from = src + c * b.col_stride;
+          for (int64_t p = kc_full; p < kc; ++p) out[p * kGemmNr + c] = from[p * b.row_stride];
+          continue;
+        }
         if (c >= cols) {
           for (int64_t p = 0; p < kc; ++p) out[p * kGemmNr + c] = 0.0f;
           continue;
