@@ -1,8 +1,9 @@
-// One PPO learning step (forward, loss, backward, AdamW as the trainers run it: rlhf::GroupedAdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and
-// the same for a LoRA policy: seconds per step and achieved TFLOP/s of the matmuls.
+// One PPO learning step (forward, loss, backward, AdamW as the trainers run them: rlhf::policy_token_stats,
+// rlhf::GroupedAdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and the same for a LoRA policy: seconds
+// per step and achieved TFLOP/s of the matmuls.
 //
 //   train_step_bench [--batch 8] [--seq 66] [--gen 50] [--layers 12 --width 768 --heads 12 --vocab 50257]
-//                    [--steps 3] [--threads N] [--no-lora]
+//                    [--warmup 3] [--steps 5] [--threads N] [--no-lora] [--decode-isa avx512_bf16|avx512|avx2|none]
 
 #include <chrono>
 
@@ -17,11 +18,11 @@
 namespace {
 
 struct StepArgs {
-  int64_t batch = 8, seq = 66, gen = 50, steps = 3;
+  int64_t batch = 8, seq = 66, gen = 50, warmup = 3, steps = 5;
 };
 
-/// Mean seconds of a training step: forward of the policy, PPO-style loss over the last `gen` positions (full-vocab
-/// log-softmax, entropy, value loss), backward, AdamW step.
+/// Mean seconds of a training step: forward of the policy, PPO-style loss over the last `gen` positions (log-prob of
+/// the token and entropy over the full vocabulary through policy_token_stats, value loss), backward, AdamW step.
 template <class Policy>
 double step_seconds(Policy& policy, rlhf::Precision precision, const StepArgs& a) {
   policy->eval();  // PPOTrainer's default: no dropout in the learning forwards
@@ -36,18 +37,17 @@ double step_seconds(Policy& policy, rlhf::Precision precision, const StepArgs& a
     {
       rlhf::AutocastScope autocast(precision, torch::kCPU);
       auto hidden = policy->forward(ids).narrow(1, a.seq - a.gen - 1, a.gen);  // [B, G, D]
-      auto logp = policy->base->logits(hidden).log_softmax(-1);                // [B, G, V]
-      auto picked = logp.gather(-1, ids.narrow(1, a.seq - a.gen, a.gen).unsqueeze(-1)).squeeze(-1);
-      auto entropy = -(logp.exp() * logp).sum(-1);
+      // The trainers' loss path: log p(token) and the entropy in one pass over the vocabulary per row.
+      auto stats = rlhf::policy_token_stats(policy->base->logits(hidden), ids.narrow(1, a.seq - a.gen, a.gen));
       auto values = policy->values(hidden);
-      loss = -rlhf::masked_mean(picked, mask) - 1e-3 * rlhf::masked_mean(entropy, mask) +
+      loss = -rlhf::masked_mean(stats.logprobs, mask) - 1e-3 * rlhf::masked_mean(stats.entropy, mask) +
              rlhf::masked_mean(values.pow(2), mask);
     }
     optimizer.zero_grad();
     loss.backward();
     optimizer.step();
   };
-  run();  // warm-up
+  for (int64_t i = 0; i < a.warmup; ++i) run();  // first touch of gradients, AdamW state and activations
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < a.steps; ++i) run();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / a.steps;
@@ -64,7 +64,9 @@ int main(int argc, char** argv) {
   app.add_option("--batch", args.batch)->capture_default_str();
   app.add_option("--seq", args.seq)->capture_default_str();
   app.add_option("--gen", args.gen)->capture_default_str();
-  app.add_option("--steps", args.steps)->capture_default_str();
+  app.add_option("--warmup", args.warmup, "untimed steps first (the first ones fault their memory in)")
+      ->capture_default_str();
+  app.add_option("--steps", args.steps, "timed steps")->capture_default_str();
   app.add_option("--layers", config.n_layer)->capture_default_str();
   app.add_option("--width", config.n_embd)->capture_default_str();
   app.add_option("--heads", config.n_head)->capture_default_str();

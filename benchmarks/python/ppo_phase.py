@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="generation mode: batch sizes")
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "autocast"], default=["fp32", "bf16", "autocast"],
                    help="generation mode: fp32 or bf16 weights, or fp32 weights under bf16 autocast")
-    p.add_argument("--steps", type=int, default=3, help="train-step mode: timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="train-step mode: untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="train-step mode: timed steps")
     p.add_argument("--json", dest="json_path", default="", help="also write the JSON result to this file")
     p.add_argument("--no-malloc-tuning", action="store_true")
     return p.parse_args(argv)
@@ -634,7 +635,8 @@ def run_train_step(a, batch=8, seq=66, gen=50):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        step()  # warm-up
+        for _ in range(a.warmup):  # first touch of gradients, AdamW state and activations
+            step()
         sync()
         start = time.perf_counter()
         for _ in range(a.steps):
