@@ -587,6 +587,23 @@ TEST_CASE("bf16 decode kernels round torch's bf16 products") {
   }
 }
 
+TEST_CASE("pack_bf16_pairs: bf16 pairs along k in 48-column panels, from [K, N] and from [N, K]") {
+  torch::manual_seed(13);
+  // Shapes past the 16 x 16 blocks and 16-column runs the vector path moves, with odd K (a zero second half in the
+  // last pair) and column tails.
+  for (auto [k, n] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {7, 50}, {32, 48}, {33, 97}, {64, 200}, {768, 100}}) {
+    CAPTURE(k);
+    CAPTURE(n);
+    const auto w = torch::randn({k, n});
+    const int64_t kp = (k + 1) / 2, panels = (n + 47) / 48;
+    auto padded = torch::zeros({2 * kp, panels * 48}, torch::kBFloat16);
+    padded.narrow(0, 0, k).narrow(1, 0, n).copy_(w.to(torch::kBFloat16));
+    const auto expected = padded.view({kp, 2, panels, 48}).permute({2, 0, 3, 1}).contiguous();  // [panel, i, c, 2]
+    CHECK(torch::equal(rlhf::pack_bf16_pairs(w, /*transposed=*/false), expected));
+    CHECK(torch::equal(rlhf::pack_bf16_pairs(w.t().contiguous(), /*transposed=*/true), expected));
+  }
+}
+
 TEST_CASE("bf16 decode kernels pack a weight again when it changes") {
   if (rlhf::detail::cpu_decode_isa() < rlhf::DecodeIsa::avx512_bf16) return;  // the case above checks the decline
   torch::manual_seed(12);

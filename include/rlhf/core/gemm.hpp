@@ -3,18 +3,20 @@
 /// either operand transposed (any strides), and autograd nodes for the two products of GPT-2, the linear layers
 /// (x w + b, w [in, out]) and the tied vocabulary projection (h wte^T), whose backward takes the same kernels.
 ///
-/// Why: LibTorch computes fp32 products with OpenBLAS, whose kernel is chosen for the CPU when the library loads.
-/// OpenBLAS 0.3.21 (Debian 12) predates AMD's AVX-512 parts, and where OPENBLAS_CORETYPE pins it to its Haswell
-/// (AVX2) kernels, as machines with such CPUs are commonly set up since older builds fail on them, half of each
-/// 512-bit FMA unit idles: GPT-2 small's layer products of a training minibatch (528 x 768 x 3072) ran at 0.23
-/// TFLOP/s with sgemm and at 0.36-0.39 here, on Zen 5 with two threads.
+/// Why: LibTorch computes fp32 products with OpenBLAS, whose kernels are chosen for the CPU when it loads. OpenBLAS
+/// 0.3.21 (Debian 12) predates AMD's AVX-512 parts; where OPENBLAS_CORETYPE pins it to its Haswell (AVX2) kernels
+/// (a setting such machines get because older OpenBLAS builds fail on them), half of each 512-bit FMA unit idles:
+/// GPT-2 small's layer products of a training minibatch (528 x 768 x 3072) ran at 0.23-0.24 TFLOP/s with sgemm and
+/// at 0.38-0.42 here, on Zen 5 with two threads. Unpinned, OpenBLAS takes its Cooperlake (AVX-512) kernels there and
+/// reaches 0.36-0.40: these kernels then match it rather than beat it.
 ///
-/// The method is the one of BLIS and OpenBLAS: both operands are packed in blocks (b: kKc rows x kNc columns, in
-/// panels of kNr = 48 columns; a: kMc x kKc, in panels of kMr = 8 rows, each k's 8 values together), and an 8 x 48
-/// tile of the result (24 of the 32 vector registers) takes one k at a time: three vectors of b, eight broadcasts of
-/// a, 24 FMAs. The packing reads any strides, so transposed operands (the backward's w^T and x^T) cost a packing
-/// pass and no copy. Results are the float sums in a fixed order (blocks of kKc along k), whatever the number of
-/// threads; they differ from sgemm's by float rounding (~1e-6 relative).
+/// The method is the one of BLIS and OpenBLAS: both operands are packed in blocks (b: kGemmKc rows x kGemmNc
+/// columns, in panels of kGemmNr = 48 columns; a: kGemmMc x kGemmKc, in panels of kGemmMr = 8 rows, each k's 8
+/// values together), and an 8 x 48 tile of the result (24 of the 32 vector registers) takes one k at a time: three
+/// vectors of b, eight broadcasts of a, 24 FMAs. The packing reads any strides, so transposed operands (the
+/// backward's w^T and x^T, the projection's wte^T, transposed 16 x 16 blocks at a time) cost a packing pass and no
+/// copy. Results are the float sums in a fixed order (blocks of kGemmKc along k), whatever the number of threads;
+/// they differ from sgemm's by float rounding (~1e-6 relative).
 ///
 /// gemm_applies() says when they run: fp32 CPU tensors, a CPU with AVX-512 F, set_decode_isa() at avx512 or above,
 /// and autocast off. Elsewhere (CUDA, bf16, other CPUs) the callers use torch's operators.
@@ -119,43 +121,6 @@ inline void gemm_pack_a(const StridedMatrix& a, int64_t i0, int64_t mc, int64_t 
     }
   }
 }
-
-#if defined(__GNUC__) && defined(__x86_64__)
-
-/// dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < 16: a 16 x 16 block transposed in registers (pairs
-/// of 32-bit lanes, then of 64-bit lanes, then 128-bit lanes twice). Zero-masked forms with every lane selected, as
-/// elsewhere (GCC 12's unmasked shuffles start from an "undefined" vector).
-__attribute__((target("avx512f"))) inline void transpose16x16(const float* src, int64_t src_stride, float* dst,
-                                                              int64_t dst_stride) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane l: rows 2i, 2i + 1 at columns 4l, 4l + 1 (lo) and 4l + 2, 4l + 3
-    t[2 * i] = _mm512_maskz_unpacklo_ps(0xFFFF, r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_maskz_unpackhi_ps(0xFFFF, r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane l: rows 4i .. 4i + 3 at column 4l + j
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, a, b));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, a, b));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, c, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, c, d));
-  }
-  for (int j = 0; j < 4; ++j) {  // lanes 0, 2 (0x88) or 1, 3 (0xDD) of each operand
-    t[j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0x88);
-    t[4 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0xDD);
-    t[8 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0x88);
-    t[12 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0xDD);
-  }
-  for (int j = 0; j < 4; ++j) {  // column j, 4 + j, 8 + j, 12 + j: rows 0 .. 15
-    _mm512_storeu_ps(dst + j * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0x88));
-    _mm512_storeu_ps(dst + (8 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0xDD));
-    _mm512_storeu_ps(dst + (4 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0x88));
-    _mm512_storeu_ps(dst + (12 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0xDD));
-  }
-}
-
-#endif
 
 /// Rows (k) [p0, p0 + kc) and columns [j0, j0 + nc) of `b` into panels of kGemmNr columns: panel q holds, for each
 /// k, the values of its columns (columns past nc are 0).

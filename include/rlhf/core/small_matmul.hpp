@@ -475,6 +475,53 @@ RLHF_BF16_TARGET inline void bf16_tile(const int32_t* x, int64_t kp, const int32
   }
 }
 
+/// dst[q * dst_stride + i] = src[i * src_stride + q] for i, q < 16, on 32-bit words (floats, or pairs of bf16): a
+/// 16 x 16 block transposed in registers (pairs of 32-bit lanes, then of 64-bit lanes, then 128-bit lanes twice).
+/// Strides count words. Zero-masked forms with every lane selected, as elsewhere (GCC 12's unmasked shuffles start
+/// from an "undefined" vector).
+__attribute__((target("avx512f"))) inline void transpose16x16(const void* src, int64_t src_stride, void* dst,
+                                                              int64_t dst_stride) {
+  const auto* in = static_cast<const float*>(src);  // the intrinsics below move bits: any 32-bit words will do
+  auto* out = static_cast<float*>(dst);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * src_stride);
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane l: rows 2i, 2i + 1 at columns 4l, 4l + 1 (lo) and 4l + 2, 4l + 3
+    t[2 * i] = _mm512_maskz_unpacklo_ps(0xFFFF, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_maskz_unpackhi_ps(0xFFFF, r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane l: rows 4i .. 4i + 3 at column 4l + j
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, c, d));
+  }
+  for (int j = 0; j < 4; ++j) {  // lanes 0, 2 (0x88) or 1, 3 (0xDD) of each operand
+    t[j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[j], r[4 + j], 0xDD);
+    t[8 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_maskz_shuffle_f32x4(0xFFFF, r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {  // column j, 4 + j, 8 + j, 12 + j: rows 0 .. 15
+    _mm512_storeu_ps(out + j * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(out + (8 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[j], t[8 + j], 0xDD));
+    _mm512_storeu_ps(out + (4 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_ps(out + (12 + j) * dst_stride, _mm512_maskz_shuffle_f32x4(0xFFFF, t[4 + j], t[12 + j], 0xDD));
+  }
+}
+
+/// pairs[2c] = a[c], pairs[2c + 1] = b[c] for c < 16: two rows of 16 bf16 interleaved into 16 pairs.
+__attribute__((target("avx512f,avx512bw"))) inline void interleave_bf16x16(const uint16_t* a, const uint16_t* b,
+                                                                          uint16_t* pairs) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                         22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i both = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);  // a[0..16), b[0..16)
+  _mm512_storeu_si512(pairs, _mm512_maskz_permutexvar_epi16(0xFFFFFFFF, order, both));
+}
+
 /// y [m, n] = bf16(bias + x [m, k] w [k, n]) for the columns tile_strips() hands out; x as bf16 pairs [m, kp], w
 /// packed by pack_bf16_pairs().
 struct Bf16Strips {
@@ -532,21 +579,40 @@ inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
   auto out = torch::zeros({panels, kp, width, 2}, w16.options());  // bf16 zero: all bits clear
   const auto* src = static_cast<const uint16_t*>(w16.data_ptr());
   auto* dst = static_cast<uint16_t*>(out.data_ptr());
+  // With AVX-512 BW the full 16 x 16 blocks (transposed: of bf16 pairs as 32-bit words, k even) and 16-column runs
+  // of row pairs are moved in registers; the rest one value at a time.
+  const bool vector = detail::cpu_decode_isa() >= DecodeIsa::avx512_bf16;
   detail::omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
     const auto [p0, p1] = detail::thread_share(panels, 1, thread, threads);
     for (int64_t p = p0; p < p1; ++p) {
       uint16_t* panel = dst + p * kp * width * 2;
       const int64_t c1 = std::min(width, n - p * width);
       if (transposed) {
+        // Panel pairs [0, i_full) of columns [0, c_full) in 16 x 16 blocks: row 48p + c of w [N, K] is kp words.
+        const int64_t c_full = vector && k % 2 == 0 ? c1 / 16 * 16 : 0, i_full = c_full > 0 ? kp / 16 * 16 : 0;
+#if defined(__GNUC__) && defined(__x86_64__)
+        for (int64_t c = 0; c < c_full; c += 16)
+          for (int64_t i = 0; i < i_full; i += 16)
+            detail::transpose16x16(src + ((p * width + c) * kp + i) * 2, kp, panel + (i * width + c) * 2, width);
+#endif
         for (int64_t c = 0; c < c1; ++c) {  // row 48p + c of w [N, K]: column c of the panel
           const uint16_t* row = src + (p * width + c) * k;
-          for (int64_t kk = 0; kk < k; ++kk) panel[(kk / 2 * width + c) * 2 + kk % 2] = row[kk];
+          for (int64_t kk = c < c_full ? 2 * i_full : 0; kk < k; ++kk)
+            panel[(kk / 2 * width + c) * 2 + kk % 2] = row[kk];
         }
       } else {
-        for (int64_t kk = 0; kk < k; ++kk) {  // row kk of w [K, N], columns 48p ..: half of panel row kk / 2
+        for (int64_t kk = 0; kk < k; kk += 2) {  // rows kk, kk + 1 of w [K, N], columns 48p ..: panel row kk / 2
           const uint16_t* row = src + kk * n + p * width;
-          uint16_t* pairs = panel + kk / 2 * width * 2 + kk % 2;
-          for (int64_t c = 0; c < c1; ++c) pairs[2 * c] = row[c];
+          uint16_t* pairs = panel + kk / 2 * width * 2;
+          int64_t c = 0;
+#if defined(__GNUC__) && defined(__x86_64__)
+          if (vector && kk + 1 < k)
+            for (; c + 16 <= c1; c += 16) detail::interleave_bf16x16(row + c, row + n + c, pairs + 2 * c);
+#endif
+          for (; c < c1; ++c) {
+            pairs[2 * c] = row[c];
+            if (kk + 1 < k) pairs[2 * c + 1] = row[n + c];
+          }
         }
       }
     }
