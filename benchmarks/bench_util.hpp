@@ -9,8 +9,8 @@
 #include <chrono>
 #include <cstdint>
 #include <fstream>
-#include <map>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
