@@ -516,9 +516,9 @@ __attribute__((target("avx512f,avx512bw"))) inline void interleave_bf16x16(const
                                                                           uint16_t* pairs) {
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                          22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i both = _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);  // a[0..16), b[0..16)
+  const __m512i both = _mm512_maskz_inserti64x4(  // a[0..16), b[0..16); zero-masked forms: see transpose16x16
+      0xFF, _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
   _mm512_storeu_si512(pairs, _mm512_maskz_permutexvar_epi16(0xFFFFFFFF, order, both));
 }
 
