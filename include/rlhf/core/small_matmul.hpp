@@ -511,15 +511,14 @@ __attribute__((target("avx512f"))) inline void transpose16x16(const void* src, i
   }
 }
 
-/// pairs[2c] = a[c], pairs[2c + 1] = b[c] for c < 16: two rows of 16 bf16 interleaved into 16 pairs.
+/// pairs[2c] = a[c], pairs[2c + 1] = b[c] for c < 16: two rows of 16 bf16 interleaved into 16 pairs, one
+/// two-source permutation (lanes 0-31 index a's vector, 32-63 b's; zero-masked forms as in transpose16x16).
 __attribute__((target("avx512f,avx512bw"))) inline void interleave_bf16x16(const uint16_t* a, const uint16_t* b,
                                                                           uint16_t* pairs) {
-  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                         22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i both = _mm512_maskz_inserti64x4(  // a[0..16), b[0..16); zero-masked forms: see transpose16x16
-      0xFF, _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
-  _mm512_storeu_si512(pairs, _mm512_maskz_permutexvar_epi16(0xFFFFFFFF, order, both));
+  const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i av = _mm512_maskz_loadu_epi16(0xFFFF, a), bv = _mm512_maskz_loadu_epi16(0xFFFF, b);
+  _mm512_storeu_si512(pairs, _mm512_maskz_permutex2var_epi16(0xFFFFFFFF, av, order, bv));
 }
 
 /// y [m, n] = bf16(bias + x [m, k] w [k, n]) for the columns tile_strips() hands out; x as bf16 pairs [m, kp], w
