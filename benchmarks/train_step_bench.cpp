@@ -3,7 +3,8 @@
 // per step and achieved TFLOP/s of the matmuls.
 //
 //   train_step_bench [--batch 8] [--seq 66] [--gen 50] [--layers 12 --width 768 --heads 12 --vocab 50257]
-//                    [--warmup 3] [--steps 5] [--threads N] [--no-lora] [--decode-isa avx512_bf16|avx512|avx2|none]
+//                    [--warmup 3] [--steps 5] [--threads N] [--no-lora] [--precision fp32 --precision bf16]
+//                    [--decode-isa avx512_bf16|avx512|avx2|none]
 
 #include <chrono>
 
@@ -73,10 +74,16 @@ int main(int argc, char** argv) {
   app.add_option("--vocab", config.vocab_size)->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
   app.add_flag("!--no-lora", lora_too, "measure full fine-tuning only");
+  std::vector<std::string> precision_names{"fp32", "bf16"};
+  app.add_option("--precision", precision_names, "the precisions measured (repeat the option for several)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
   rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512_bf16;
   rlhf::bench::add_decode_isa_option(app, isa_cap);
   CLI11_PARSE(app, argc, argv);
   rlhf::set_decode_isa(isa_cap);
+  std::vector<rlhf::Precision> precisions;
+  for (const auto& name : precision_names) precisions.push_back(rlhf::parse_precision(name));
   auto runtime = rlhf::configure_runtime({.threads = threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
 
@@ -97,14 +104,13 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   {
     rlhf::GPT2Policy full{rlhf::GPT2<>(config)};
-    for (auto p : {rlhf::Precision::fp32, rlhf::Precision::bf16}) report("full", p, step_seconds(full, p, args), flops);
+    for (auto p : precisions) report("full", p, step_seconds(full, p, args), flops);
   }
   if (lora_too) {
     using LoRAPolicy = rlhf::ActorCritic<rlhf::GPT2<rlhf::LoRA<8, rlhf::Targets::Attention | rlhf::Targets::MLP>>>;
     LoRAPolicy lora{rlhf::GPT2<rlhf::LoRA<8, rlhf::Targets::Attention | rlhf::Targets::MLP>>(config)};
     // No weight gradients for frozen layers: backward costs ~2x forward instead of 3x.
-    for (auto p : {rlhf::Precision::fp32, rlhf::Precision::bf16})
-      report("lora", p, step_seconds(lora, p, args), flops * 2.0 / 3.0);
+    for (auto p : precisions) report("lora", p, step_seconds(lora, p, args), flops * 2.0 / 3.0);
   }
   fmt::print("{}\n", nlohmann::json{{"benchmark", "train_step"},
                                     {"threads", runtime.threads},

@@ -8,18 +8,23 @@
               weights, and fp32 weights under bf16 autocast)
   train-step  train_step_bench --no-lora against ppo_phase.py --mode train-step (fp32 and bf16 autocast)
 
+--repeats N runs the generation and train-step pairs N times, library and eager alternating, and reports medians:
+each ratio is the median of the N library / eager ratios of adjacent runs, so a machine whose speed drifts during
+the comparison (shared cores) moves both sides of a pair alike.
+
 Then the issue's targets, each with the measured value. Run it on an idle machine: every number is a wall-clock
 time on the same cores.
 
   /usr/bin/python3 benchmarks/python/compare.py --build build-bench [--shape small|tiny] [--threads N]
       [--precision fp32 bf16] [--variant seed lean] [--only phase generation train-step] [--out compare.json]
-      [--wait-idle SECONDS]
+      [--wait-idle SECONDS] [--repeats N]
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -127,49 +132,87 @@ def compare_phase(a, results):
     return lib, eager
 
 
+def run_pairs(a, lib_cmd, eager_cmd):
+    """Runs the library's and eager's benchmark a.repeats times, alternating; returns both lists of JSON results."""
+    lib, eager = [], []
+    for i in range(a.repeats):
+        if a.repeats > 1:
+            print(f"-- pair {i + 1} of {a.repeats}")
+        lib.append(run(lib_cmd, a.wait_idle))
+        eager.append(run(eager_cmd, a.wait_idle))
+    return lib, eager
+
+
+def median_of(values):
+    values = [v for v in values if v == v]  # NaN left out
+    return statistics.median(values) if values else float("nan")
+
+
 def compare_generation(a, results):
     shape = ["--layers", str(TINY["layers"]), "--width", str(TINY["width"]), "--heads", str(TINY["heads"]),
              "--vocab", str(TINY["vocab"])] if a.shape == "tiny" else []
-    lib = run([os.path.join(a.build, "benchmarks", "generation_bench"), "--new-tokens", "32", "--batch", "1", "16",
-               "--threads", str(a.threads)] + shape, a.wait_idle)
-    eager = run([a.python, EAGER, "--mode", "generation", "--shape", a.shape, "--new-tokens", "32", "--batch", "1",
-                 "16", "--threads", str(a.threads)], a.wait_idle)
-    print("Sampling (KV cache, 16-token prompts, 32 new tokens, top-k 10): tokens/s and library / eager")
+    libs, eagers = run_pairs(
+        a, [os.path.join(a.build, "benchmarks", "generation_bench"), "--new-tokens", "32", "--batch", "1", "16",
+            "--threads", str(a.threads)] + shape,
+        [a.python, EAGER, "--mode", "generation", "--shape", a.shape, "--new-tokens", "32", "--batch", "1", "16",
+         "--threads", str(a.threads)])
+    print("Sampling (KV cache, 16-token prompts, 32 new tokens, top-k 10): tokens/s and library / eager"
+          + (f", medians of {a.repeats} alternating pairs" if a.repeats > 1 else ""))
     print(f"{'dtype':<8} {'batch':>5} {'library':>9} {'x floor':>8} {'seed':>9} {'lib/seed':>9} {'lean':>9} "
           f"{'lib/lean':>9}")
     table = []
-    for r in lib["results"]:
-        e = {x["variant"]: x for x in eager["results"] if x["dtype"] == r["dtype"] and x["batch"] == r["batch"]}
-        entry = dict(dtype=r["dtype"], batch=r["batch"], library=r["tokens_per_s"], x_floor=r.get("x_floor"),
-                     seed=e["seed"]["tokens_per_s"], lean=e["lean"]["tokens_per_s"])
-        print(f"{r['dtype']:<8} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r.get('x_floor', float('nan')):>8.2f} "
-              f"{entry['seed']:>9.1f} {ratio(r['tokens_per_s'], entry['seed']):>9.2f} {entry['lean']:>9.1f} "
-              f"{ratio(r['tokens_per_s'], entry['lean']):>9.2f}")
+    for r in libs[0]["results"]:
+        def case(result, variant=None):
+            return next(x for x in result["results"] if x["dtype"] == r["dtype"] and x["batch"] == r["batch"]
+                        and (variant is None or x["variant"] == variant))
+        lib_runs = [case(l) for l in libs]
+        seed_runs = [case(e, "seed")["tokens_per_s"] for e in eagers]
+        lean_runs = [case(e, "lean")["tokens_per_s"] for e in eagers]
+        entry = dict(dtype=r["dtype"], batch=r["batch"],
+                     library=median_of([x["tokens_per_s"] for x in lib_runs]),
+                     x_floor=median_of([x.get("x_floor", float("nan")) for x in lib_runs]),
+                     seed=median_of(seed_runs), lean=median_of(lean_runs),
+                     library_over_seed=median_of([ratio(x["tokens_per_s"], e) for x, e in zip(lib_runs, seed_runs)]),
+                     library_over_lean=median_of([ratio(x["tokens_per_s"], e) for x, e in zip(lib_runs, lean_runs)]),
+                     library_over_lean_runs=[ratio(x["tokens_per_s"], e) for x, e in zip(lib_runs, lean_runs)])
+        print(f"{r['dtype']:<8} {r['batch']:>5} {entry['library']:>9.1f} {entry['x_floor']:>8.2f} "
+              f"{entry['seed']:>9.1f} {entry['library_over_seed']:>9.2f} {entry['lean']:>9.1f} "
+              f"{entry['library_over_lean']:>9.2f}")
         table.append(entry)
+    if a.repeats > 1:
+        print("library / lean per pair: " + "; ".join(
+            f"{e['dtype']} b{e['batch']} " + " ".join(f"{x:.2f}" for x in e["library_over_lean_runs"])
+            for e in table))
     print()
-    results["generation"] = dict(library=lib, eager=eager, table=table)
+    results["generation"] = dict(library=libs, eager=eagers, table=table)
     return table
 
 
 def compare_train_step(a, results):
     shape = ["--layers", str(TINY["layers"]), "--width", str(TINY["width"]), "--heads", str(TINY["heads"]),
              "--vocab", str(TINY["vocab"])] if a.shape == "tiny" else []
-    lib = run([os.path.join(a.build, "benchmarks", "train_step_bench"), "--no-lora", "--threads", str(a.threads)]
-              + shape, a.wait_idle)
-    eager = run([a.python, EAGER, "--mode", "train-step", "--shape", a.shape, "--threads", str(a.threads)],
-                a.wait_idle)
-    print("Learning step (8 x 66 tokens, 50 scored, forward + backward + AdamW): s/step and eager / library")
+    libs, eagers = run_pairs(
+        a, [os.path.join(a.build, "benchmarks", "train_step_bench"), "--no-lora", "--threads", str(a.threads)]
+        + shape, [a.python, EAGER, "--mode", "train-step", "--shape", a.shape, "--threads", str(a.threads)])
+    print("Learning step (8 x 66 tokens, 50 scored, forward + backward + AdamW): s/step and eager / library"
+          + (f", medians of {a.repeats} alternating pairs" if a.repeats > 1 else ""))
     table = []
-    for r in lib["results"]:
-        e = next(x for x in eager["results"] if x["precision"] == r["precision"])
-        entry = dict(precision=r["precision"], library_seconds=r["seconds_per_step"],
-                     library_tflops=r["tflops"], eager_seconds=e["seconds_per_step"], eager_tflops=e["tflops"])
-        print(f"{r['precision']:<5} library {r['seconds_per_step']:.3f} s ({r['tflops']:.3f} TFLOP/s), eager "
-              f"{e['seconds_per_step']:.3f} s ({e['tflops']:.3f} TFLOP/s): eager / library "
-              f"{ratio(e['seconds_per_step'], r['seconds_per_step']):.2f}")
+    for r in libs[0]["results"]:
+        lib_runs = [next(x for x in l["results"] if x["precision"] == r["precision"]) for l in libs]
+        eager_runs = [next(x for x in e["results"] if x["precision"] == r["precision"]) for e in eagers]
+        entry = dict(precision=r["precision"],
+                     library_seconds=median_of([x["seconds_per_step"] for x in lib_runs]),
+                     library_tflops=median_of([x["tflops"] for x in lib_runs]),
+                     eager_seconds=median_of([x["seconds_per_step"] for x in eager_runs]),
+                     eager_tflops=median_of([x["tflops"] for x in eager_runs]),
+                     eager_over_library=median_of([ratio(e["seconds_per_step"], x["seconds_per_step"])
+                                                   for x, e in zip(lib_runs, eager_runs)]))
+        print(f"{r['precision']:<5} library {entry['library_seconds']:.3f} s ({entry['library_tflops']:.3f} "
+              f"TFLOP/s), eager {entry['eager_seconds']:.3f} s ({entry['eager_tflops']:.3f} TFLOP/s): "
+              f"eager / library {entry['eager_over_library']:.2f}")
         table.append(entry)
     print()
-    results["train_step"] = dict(library=lib, eager=eager, table=table)
+    results["train_step"] = dict(library=libs, eager=eagers, table=table)
     return table
 
 
@@ -206,7 +249,7 @@ def targets(a, results, phase, generation, train_step):
     if generation:
         for r in generation:
             if r["batch"] == 16:
-                x = ratio(r["library"], r["lean"])
+                x = r["library_over_lean"]
                 check(f"sampling batch 16 {r['dtype']}, library / lean eager KV cache", x, ">= 2", x >= 2)
             if r["batch"] == 1 and r.get("x_floor"):
                 check(f"sampling batch 1 {r['dtype']}, time / bandwidth floor", r["x_floor"], "<= 2",
@@ -228,7 +271,12 @@ def main():
     p.add_argument("--out", default="", help="write every result and ratio to this JSON file")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before each run, wait up to this long for the cores to be idle (a shared machine)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="run the generation and train-step comparisons N times, library and eager alternating, "
+                        "and report medians")
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     a.threads = a.threads or os.cpu_count() or 1
     results = dict(shape=a.shape, threads=a.threads, load_average_at_start=os.getloadavg()[0])
     phase = compare_phase(a, results) if "phase" in a.only else None

@@ -22,7 +22,8 @@ Runs with Debian's torch 1.13 (/usr/bin/python3); --device cuda runs on a GPU wi
 created there, stages are timed to the end of the GPU's work, memory is torch's CUDA allocations). torch starts with
 one thread: --threads sets torch's, and the OpenMP/OpenBLAS variables are set before torch loads. glibc malloc would
 hand large buffers back to the kernel after every op: the script re-executes itself with MALLOC_MMAP_MAX_=0 and
-MALLOC_TRIM_THRESHOLD_ set (unless --no-malloc-tuning).
+MALLOC_TRIM_THRESHOLD_ set (unless --no-malloc-tuning). Gradients are cleared with zero_grad(set_to_none=True),
+torch 2.x's default (1.13's default fills them with zeros, and the next backward adds to the zeros).
 
   /usr/bin/python3 benchmarks/python/ppo_phase.py --variant seed|lean --precision fp32|bf16 --shape small|tiny
   /usr/bin/python3 benchmarks/python/ppo_phase.py --mode generation
@@ -427,7 +428,7 @@ def phase_seed(policy, ref, optimizer, prompt_ids, a, bf16, vocab):
                              + calc_entropy_bonus(logits[:, p - 1 : -1], HP["ent_coef"])
                              - calc_kl_penalty(logits[:, p - 1 : -1],
                                                ref_logits[idx][:, p - 1 : -1] / HP["temperature"], HP["kl_coef"]))
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), HP["max_grad_norm"])
                 optimizer.step()
@@ -484,7 +485,7 @@ def phase_lean(policy, ref, optimizer, prompt_ids, a, bf16, vocab, generator):
                         ref_logp_all = (ref.logits(ref_hidden[idx]) / HP["temperature"]).log_softmax(-1)
                     kl_term = (probs * (logp_all - ref_logp_all)).sum(-1).mean()
                     loss = pg + HP["vf_coef"] * vf - HP["ent_coef"] * entropy + HP["kl_coef"] * kl_term
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), HP["max_grad_norm"])
                 optimizer.step()
@@ -632,7 +633,7 @@ def run_train_step(a, batch=8, seq=66, gen=50):
                 entropy = -(logp.exp() * logp).sum(-1)
                 values = policy.values(hidden)
                 loss = -picked.mean() - 1e-3 * entropy.mean() + values.pow(2).mean()
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         for _ in range(a.warmup):  # first touch of gradients, AdamW state and activations
