@@ -170,6 +170,29 @@ TEST_CASE("GroupedAdamW: the fused step equals torch::optim::AdamW's step") {
   CHECK(state_of(fused.optimizer(), params[0].back())->step() == 6);
 }
 
+TEST_CASE("GroupedAdamW: zero_grad drops the gradients, and a parameter without a new one is not stepped") {
+  torch::manual_seed(3);
+  auto used = leaf(torch::randn({4, 8})), unused = leaf(torch::randn({8}));
+  const auto x = torch::randn({4, 8});
+  rlhf::GroupedAdamW optimizer;
+  optimizer.add("all", {used, unused}, 1e-2).build("optimizer_test");
+  ((used * x).sum() + (unused * x[0]).sum()).backward();
+  optimizer.step();
+  optimizer.zero_grad();
+  CHECK_FALSE(used.grad().defined());
+  CHECK_FALSE(unused.grad().defined());
+
+  const auto unused_before = unused.detach().clone();
+  (used * x * 2).sum().backward();
+  REQUIRE(used.grad().defined());
+  CHECK(torch::equal(used.grad(), x * 2));  // this backward's gradient alone, not added to the last one's
+  CHECK_FALSE(unused.grad().defined());
+  optimizer.step();
+  CHECK(torch::equal(unused, unused_before));  // no gradient: no decay, no momentum step
+  CHECK(state_of(optimizer.optimizer(), unused)->step() == 1);
+  CHECK(state_of(optimizer.optimizer(), used)->step() == 2);
+}
+
 TEST_CASE("GroupedAdamW: torch's operations for bf16 parameters and amsgrad") {
   SUBCASE("bf16") {
     Groups params = {{leaf(torch::randn({33, 17}).to(torch::kBFloat16))},
