@@ -12,7 +12,7 @@
 //
 //   ppo_phase [--shape small|tiny] [--precision fp32|bf16] [--device cpu|cuda] [--prompts 32] [--prompt-tokens 16]
 //             [--new-tokens 50] [--minibatches 4] [--epochs 2] [--phases 2] [--seed 1] [--threads N] [--json PATH]
-//             [--no-batch1] [--release-memory]
+//             [--no-batch1]
 
 #include <chrono>
 #include <fstream>
@@ -140,9 +140,6 @@ int main(int argc, char** argv) {
   app.add_option("--threads", a.threads, "0 = all cores");
   app.add_option("--json", a.json_path, "also write the JSON result to this file");
   app.add_flag("!--no-batch1", a.batch1, "skip the batch-1 sampling measurement");
-  bool keep_memory = true;
-  app.add_flag("!--release-memory", keep_memory,
-               "let malloc hand freed pages back to the kernel (RuntimeOptions::keep_memory = false)");
   app.add_flag("--recompute-old-logprobs", a.recompute_old_logprobs,
                "a second policy forward for the old log-probs and values (PPOConfig::recompute_old_logprobs)");
   rlhf::DecodeIsa isa_cap = rlhf::DecodeIsa::avx512_bf16;
@@ -154,7 +151,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  auto runtime = rlhf::configure_runtime({.threads = a.threads, .keep_memory = keep_memory});
+  auto runtime = rlhf::configure_runtime({.threads = a.threads});
   if (auto w = runtime.warning(); !w.empty()) fmt::print("{}\n", w);
   torch::Device device = torch::kCPU;
   try {
@@ -283,8 +280,7 @@ int main(int argc, char** argv) {
   fmt::print("rlhf ppo_phase: shape {} ({} layers, {} wide, {} heads, vocab {}), {} on {}, {} threads, BLAS {}, "
              "malloc {}\n",
              a.shape, gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.vocab_size, a.precision, device.str(),
-             runtime.threads, runtime.blas_is_openmp_openblas ? "OpenMP OpenBLAS" : runtime.blas,
-             runtime.allocator + (runtime.malloc_tuned ? " (keeps freed pages)" : ""));
+             runtime.threads, runtime.blas_is_openmp_openblas ? "OpenMP OpenBLAS" : runtime.blas, runtime.allocator);
   fmt::print("{} prompts x {} tokens, {} new tokens, {} minibatches x {} epochs; copy bandwidth {:.1f} GB/s, "
              "matmul ceiling fp32 {:.3f} / bf16 {:.3f} TFLOP/s\n",
              a.prompts, a.prompt_tokens, a.new_tokens, a.minibatches, a.epochs, bandwidth / 1e9, ceiling_fp32 / 1e12,
@@ -373,7 +369,6 @@ int main(int argc, char** argv) {
       {"threads", runtime.threads},
       {"decode_isa", rlhf::bench::decode_isa_name(rlhf::decode_isa())},
       {"allocator", runtime.allocator},
-      {"malloc_keeps_freed_pages", runtime.malloc_tuned},
       {"prompts", a.prompts},
       {"prompt_tokens", a.prompt_tokens},
       {"new_tokens", a.new_tokens},

@@ -17,7 +17,7 @@ time on the same cores.
 
   /usr/bin/python3 benchmarks/python/compare.py --build build-bench [--shape small|tiny] [--threads N]
       [--precision fp32 bf16] [--variant seed lean] [--only phase generation train-step] [--out compare.json]
-      [--wait-idle SECONDS] [--repeats N]
+      [--wait-idle SECONDS] [--repeats N] [--new-tokens 32]
 """
 
 import argparse
@@ -152,11 +152,11 @@ def compare_generation(a, results):
     shape = ["--layers", str(TINY["layers"]), "--width", str(TINY["width"]), "--heads", str(TINY["heads"]),
              "--vocab", str(TINY["vocab"])] if a.shape == "tiny" else []
     libs, eagers = run_pairs(
-        a, [os.path.join(a.build, "benchmarks", "generation_bench"), "--new-tokens", "32", "--batch", "1", "16",
-            "--threads", str(a.threads)] + shape,
-        [a.python, EAGER, "--mode", "generation", "--shape", a.shape, "--new-tokens", "32", "--batch", "1", "16",
-         "--threads", str(a.threads)])
-    print("Sampling (KV cache, 16-token prompts, 32 new tokens, top-k 10): tokens/s and library / eager"
+        a, [os.path.join(a.build, "benchmarks", "generation_bench"), "--new-tokens", str(a.new_tokens), "--batch",
+            "1", "16", "--threads", str(a.threads)] + shape,
+        [a.python, EAGER, "--mode", "generation", "--shape", a.shape, "--new-tokens", str(a.new_tokens), "--batch",
+         "1", "16", "--threads", str(a.threads)])
+    print(f"Sampling (KV cache, 16-token prompts, {a.new_tokens} new tokens, top-k 10): tokens/s and library / eager"
           + (f", medians of {a.repeats} alternating pairs" if a.repeats > 1 else ""))
     print(f"{'dtype':<8} {'batch':>5} {'library':>9} {'x floor':>8} {'seed':>9} {'lib/seed':>9} {'lean':>9} "
           f"{'lib/lean':>9}")
@@ -271,6 +271,8 @@ def main():
     p.add_argument("--out", default="", help="write every result and ratio to this JSON file")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before each run, wait up to this long for the cores to be idle (a shared machine)")
+    p.add_argument("--new-tokens", type=int, default=32, metavar="N",
+                   help="tokens generated per prompt in the sampling comparison (more: longer, steadier runs)")
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="run the generation and train-step comparisons N times, library and eager alternating, "
                         "and report medians")

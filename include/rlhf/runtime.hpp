@@ -12,10 +12,6 @@
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
-#if __has_include(<gperftools/malloc_extension.h>)
-#include <gperftools/malloc_extension.h>
-#define RLHF_HAS_TCMALLOC_EXTENSION 1
-#endif
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
@@ -25,8 +21,8 @@ namespace rlhf {
 /// What configure_runtime() should set.
 struct RuntimeOptions {
   int threads = 0;           ///< intra-op threads for torch and OpenBLAS; 0 = every core (nproc), e.g. 2
-  bool keep_memory = true;   ///< keep malloc from returning big buffers to the OS: glibc's after every op, tcmalloc's
-                             ///< a little at a time (its release rate is set to 0)
+  bool keep_memory = true;   ///< keep glibc malloc from returning big buffers to the OS after every op (nothing
+                             ///< to do under tcmalloc, which keeps freed pages a while by itself)
 };
 
 /// What configure_runtime() found and set.
@@ -34,7 +30,7 @@ struct RuntimeInfo {
   int threads = 1;           ///< intra-op threads now in use
   std::string blas;          ///< the BLAS libraries loaded, e.g. ".../openblas-openmp/libblas.so.3, ..."
   bool blas_is_openmp_openblas = false;  ///< the fast choice on CPU (shares torch's OpenMP threads)
-  bool malloc_tuned = false; ///< whether malloc was told to keep big buffers
+  bool malloc_tuned = false; ///< whether glibc malloc was told to keep big buffers
   std::string allocator;     ///< the process's malloc: "tcmalloc" (the project's programs link it) or "glibc"
 
   /// A line saying what is slow and how to fix it, or empty when the set-up is the fast one.
@@ -79,23 +75,6 @@ inline bool malloc_is_tcmalloc() {
   return tc && tc == dlsym(RTLD_DEFAULT, "malloc");
 }
 
-/// Sets tcmalloc's release rate to 0, so it keeps freed pages instead of handing them back to the kernel a little
-/// at a time (its default rate, 1). A big tensor allocated again then reuses resident pages instead of faulting in
-/// fresh ones: GPT-2-small's tied-embedding gradient (154 MB, a new buffer every fp32 learning step) took ~200 ms of
-/// page faults per step here. MallocExtension::instance() is looked up at run time, so a program that does not link
-/// tcmalloc still links. Returns whether the rate was set.
-inline bool keep_tcmalloc_pages() {
-#if defined(RLHF_HAS_TCMALLOC_EXTENSION)
-  using Instance = MallocExtension* (*)();
-  auto instance = reinterpret_cast<Instance>(dlsym(RTLD_DEFAULT, "_ZN15MallocExtension8instanceEv"));
-  if (!instance) return false;
-  instance()->SetMemoryReleaseRate(0);
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace detail
 
 /// Waits until the work queued on `device` has run (CUDA launches are asynchronous); nothing on the CPU. Host-clock
@@ -104,8 +83,8 @@ inline void synchronize(torch::Device device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.has_index() ? device.index() : -1);
 }
 
-/// Sets torch's and OpenBLAS's thread counts, keeps malloc (glibc's or tcmalloc's) from handing large buffers back
-/// to the kernel, and reports the BLAS and the malloc in use.
+/// Sets torch's and OpenBLAS's thread counts, tunes glibc malloc for large tensors (under tcmalloc there is nothing
+/// to tune), and reports the BLAS and the malloc in use.
 /// Call once at the start of a program (the library's tools do). Without it torch may run on one thread.
 inline RuntimeInfo configure_runtime(const RuntimeOptions& options = {}) {
   RuntimeInfo info;
@@ -126,7 +105,6 @@ inline RuntimeInfo configure_runtime(const RuntimeOptions& options = {}) {
     info.malloc_tuned = true;
   }
 #endif
-  if (options.keep_memory && info.allocator == "tcmalloc") info.malloc_tuned = detail::keep_tcmalloc_pages();
   const auto paths = detail::loaded_blas_paths();
   info.blas_is_openmp_openblas = !paths.empty();
   for (const auto& path : paths) {
