@@ -591,7 +591,8 @@ TEST_CASE("pack_bf16_pairs: bf16 pairs along k in 48-column panels, from [K, N] 
   torch::manual_seed(13);
   // Shapes past the 16 x 16 blocks and 16-column runs the vector path moves, with odd K (a zero second half in the
   // last pair) and column tails.
-  for (auto [k, n] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {7, 50}, {32, 48}, {33, 97}, {64, 200}, {768, 100}}) {
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1}, {7, 50}, {32, 48}, {33, 97}, {64, 200}, {768, 100}};
+  for (auto [k, n] : shapes) {
     CAPTURE(k);
     CAPTURE(n);
     const auto w = torch::randn({k, n});
