@@ -83,14 +83,18 @@ inline double copy_bandwidth(torch::Device device = torch::kCPU, int64_t bytes =
 }
 
 /// Achieved FLOP/s of one [m, k] x [k, n] product in `dtype` on `device`, best of `repeats` after one warm-up call:
-/// torch's matmul (CPU fp32: OpenBLAS; CPU bf16: oneDNN; CUDA: cuBLAS), or with `library` the library's fp32 CPU
-/// kernels (rlhf::gemm_addmm; 0 where they do not apply).
+/// torch's matmul (CPU fp32: OpenBLAS; CPU bf16: oneDNN; CUDA: cuBLAS), or with `library` the library's CPU
+/// kernels (rlhf::gemm_addmm, rlhf::gemm_bf16_addmm; 0 where they do not apply).
 inline double matmul_flops(torch::ScalarType dtype, int64_t m, int64_t k, int64_t n, torch::Device device = torch::kCPU,
                            bool library = false, int repeats = 5) {
   auto a = torch::randn({m, k}).to(device, dtype);
   auto b = torch::randn({k, n}).to(device, dtype);
-  if (library && !gemm_applies({&a, &b})) return 0.0;
-  const auto product = [&] { return library ? gemm_addmm({}, a, b) : torch::matmul(a, b); };
+  const bool bf16 = dtype == torch::kBFloat16;
+  if (library && !(bf16 ? gemm_bf16_applies({&a, &b}) : gemm_applies({&a, &b}))) return 0.0;
+  const auto product = [&] {
+    if (!library) return torch::matmul(a, b);
+    return bf16 ? gemm_bf16_addmm({}, a, b, dtype) : gemm_addmm({}, a, b);
+  };
   auto c = product();
   double best = 1e30;
   for (int i = 0; i < repeats; ++i) {

@@ -84,8 +84,9 @@ StageFlops phase_flops(const rlhf::GPT2Config& c, const Args& a) {
 // ---- memory accounting (MiB) ----
 
 /// What a phase must hold, item by item: the bound its peak RSS is compared with.
-nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool bf16, double runtime_mb,
-                                 int64_t policy_params, int64_t reference_params, int64_t trainable) {
+nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool bf16, bool weight_copies,
+                                 double runtime_mb, int64_t policy_params, int64_t reference_params,
+                                 int64_t trainable) {
   constexpr double kMiB = 1024.0 * 1024.0;
   const double d = c.n_embd, h = c.n_head, l = c.n_layer, v = c.vocab_size;
   const double p = a.prompt_tokens, g = a.new_tokens, t = p + g, b = a.prompts, mb = b / a.minibatches;
@@ -108,7 +109,7 @@ nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool 
       {"reference_weights_mb", reference_params * 4 / kMiB},
       {"gradients_mb", trainable * 4 / kMiB},
       {"adamw_state_mb", 2.0 * trainable * 4 / kMiB},
-      {"autocast_weight_copies_mb", bf16 ? policy_params * 2 / kMiB : 0.0},
+      {"autocast_weight_copies_mb", weight_copies ? policy_params * 2 / kMiB : 0.0},
       {"activations_one_minibatch_mb", (blocks + vocab + head) / kMiB},
       {"kv_cache_mb", kv_cache / kMiB},
       {"rollout_buffers_mb", rollout / kMiB}};
@@ -310,7 +311,11 @@ int main(int argc, char** argv) {
              100 * phase_tflops * 1e12 / ceiling,
              total_floor, total_seconds / total_floor, phase_peak_mb);
 
-  auto memory = memory_accounting(gpt2, a, bf16, runtime_mb, policy_params, reference_params, trainable);
+  // bf16 autocast keeps a bf16 copy of each weight it casts while a forward's graph lives; the library's bf16
+  // products (CPUs with AVX512-BF16) round the fp32 weights as they pack them and make none.
+  const bool weight_copies = bf16 && (gpu || rlhf::decode_isa() < rlhf::DecodeIsa::avx512_bf16);
+  auto memory =
+      memory_accounting(gpt2, a, bf16, weight_copies, runtime_mb, policy_params, reference_params, trainable);
   memory["peak_rss_mb"] = phase_peak_mb;
   // What the largest sample of resident memory was made of: the bytes the program held on malloc's heap (compare
   // with the accounted items), the process as it started (libraries, the runtime), and the rest: freed memory that

@@ -482,6 +482,138 @@ TEST_CASE("AVX-512 fp32 products: the linear layers' and vocabulary projection's
   CHECK(max_diff(on_kernels, second()) < 1e-3);
 }
 
+TEST_CASE("AVX512-BF16 products (core/gemm.hpp) equal float64's of the bf16-rounded operands, past every edge") {
+  using rlhf::gemm_bf16_addmm;
+  auto x = torch::randn({9, 20});
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512_bf16) {  // other CPUs: torch's operators run
+    CHECK_FALSE(rlhf::gemm_bf16_supported({&x}));
+    rlhf::AutocastScope autocast(rlhf::Precision::bf16, torch::kCPU);
+    CHECK_FALSE(rlhf::gemm_bf16_applies({&x}));
+    return;
+  }
+  torch::manual_seed(13);
+  RestoreDecodeIsa restore;
+  // (m, n, k) past the 8 x 48 tile, the 16 x 16 blocks the packing moves in registers, the 128-row, 1024-deep and
+  // 3072-column blocks, with odd k (the last pair half zero), m > n and n >= m.
+  const std::vector<std::array<int64_t, 3>> shapes = {{1, 1, 1},     {7, 47, 3},     {16, 48, 32}, {9, 49, 33},
+                                                      {130, 100, 1025}, {17, 3100, 40}, {300, 50, 66}, {64, 200, 2}};
+  const auto bf16_exact = [](const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kDouble); };
+  for (const auto& [m, n, k] : shapes) {
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(k);
+    const auto a64 = torch::randn({m, k}, torch::kDouble), b64 = torch::randn({k, n}, torch::kDouble);
+    const auto bias = torch::randn({n});
+    // The operands as the kernels see them: rounded to bf16 (to nearest even, as torch's cast).
+    const auto want = torch::addmm(bias.to(torch::kDouble), bf16_exact(a64), bf16_exact(b64));
+    const double tolerance = 1e-6 * (10.0 + static_cast<double>(k));
+    for (bool a_t : {false, true})
+      for (bool b_t : {false, true})
+        for (auto source : {torch::kFloat, torch::kBFloat16}) {
+          CAPTURE(a_t);
+          CAPTURE(b_t);
+          CAPTURE(source);
+          // a in fp32 or bf16, b the other way (the weights' case: fp32 b, bf16 a), as given or transposed views
+          const auto other = source == torch::kFloat ? torch::kBFloat16 : torch::kFloat;
+          auto a = a_t ? a64.t().contiguous().to(source).t() : a64.to(source);
+          auto b = b_t ? b64.t().contiguous().to(other).t() : b64.to(other);
+          auto y = gemm_bf16_addmm(bias, a, b, torch::kFloat);
+          CHECK((y.scalar_type() == torch::kFloat));
+          CHECK((y.to(torch::kDouble) - want).abs().max().item<double>() < tolerance);
+          // A bf16 result is the fp32 sum rounded once: within half a bf16 step (at most 2^-8 relative) of the sum.
+          auto y16 = gemm_bf16_addmm(bias, a, b, torch::kBFloat16);
+          CHECK((y16.scalar_type() == torch::kBFloat16));
+          CHECK(((y16.to(torch::kDouble) - want).abs() - want.abs() / 256).max().item<double>() < tolerance);
+        }
+    auto row = torch::randn({1, k});
+    auto broadcast = gemm_bf16_addmm({}, row.expand({m, k}), b64.to(torch::kFloat), torch::kFloat);
+    const auto broadcast_want = bf16_exact(row).expand({m, k}).mm(bf16_exact(b64));
+    CHECK((broadcast.to(torch::kDouble) - broadcast_want).abs().max().item<double>() < tolerance);
+  }
+  // k = 0: the bias alone; empty results.
+  CHECK(torch::equal(gemm_bf16_addmm(torch::ones({5}), torch::randn({3, 0}), torch::randn({0, 5}), torch::kFloat),
+                     torch::ones({3, 5})));
+  CHECK(gemm_bf16_addmm({}, torch::randn({0, 4}), torch::randn({4, 6}), torch::kBFloat16).sizes() ==
+        torch::IntArrayRef{0, 6});
+  // When torch computes a product in bf16: under bf16 autocast, or with every operand bf16.
+  auto x16 = x.to(torch::kBFloat16);
+  CHECK_FALSE(rlhf::gemm_bf16_applies({&x}));
+  CHECK_FALSE(rlhf::gemm_bf16_applies({&x, &x16}));
+  CHECK(rlhf::gemm_bf16_applies({&x16}));
+  {
+    rlhf::AutocastScope autocast(rlhf::Precision::bf16, torch::kCPU);
+    CHECK(rlhf::gemm_bf16_applies({&x, &x16}));
+  }
+  // Refused: shapes that do not agree, other dtypes, and the kernels capped below AVX512-BF16.
+  CHECK_THROWS_WITH_AS(gemm_bf16_addmm({}, torch::randn({3, 4}), torch::randn({5, 6}), torch::kFloat),
+                       doctest::Contains("shapes [3, 4] x [5, 6] (bias none)"), rlhf::Error);
+  auto d = torch::randn({3, 4}, torch::kDouble);
+  CHECK_FALSE(rlhf::gemm_bf16_supported({&x, &d}));
+  CHECK_THROWS_AS(gemm_bf16_addmm({}, x, torch::randn({20, 3}), torch::kDouble), rlhf::Error);
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx512);
+  CHECK_FALSE(rlhf::gemm_bf16_supported({&x16}));
+  CHECK_THROWS_AS(gemm_bf16_addmm({}, x16, torch::randn({20, 3}), torch::kFloat), rlhf::Error);
+}
+
+TEST_CASE("AVX512-BF16 products under bf16 autocast: the layers' and the projection's gradients agree with torch's") {
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512_bf16) return;  // the test above checks that they decline
+  torch::manual_seed(14);
+  RestoreDecodeIsa restore;
+  const auto x0 = torch::randn({70, 64}), w0 = torch::randn({64, 50}), b0 = torch::randn({50}),
+             e0 = torch::randn({90, 64}), up = torch::randn({70, 50}), up_nt = torch::randn({70, 90});
+  struct Grads {
+    std::string node, node_nt;
+    torch::Tensor y, dx, dw, db, y_nt, dx_nt, de;
+  };
+  auto run = [&] {
+    auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_(), b = b0.clone().requires_grad_();
+    auto e = e0.clone().requires_grad_();
+    Grads g;
+    {
+      rlhf::AutocastScope autocast(rlhf::Precision::bf16, torch::kCPU);
+      g.y = rlhf::linear_addmm(b, x, w);
+      g.y_nt = rlhf::linear_mm_nt(x, e);
+    }
+    g.node = g.y.grad_fn()->name(), g.node_nt = g.y_nt.grad_fn()->name();
+    ((g.y.to(torch::kFloat) * up).sum() + (g.y_nt.to(torch::kFloat) * up_nt).sum()).backward();
+    g.dx = x.grad(), g.dw = w.grad(), g.db = b.grad(), g.de = e.grad();
+    return g;
+  };
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx512_bf16);
+  const auto kernels = run();
+  CHECK(kernels.node.find("GemmBf16AddmmFunction") != std::string::npos);
+  CHECK(kernels.node_nt.find("GemmBf16MmNtFunction") != std::string::npos);
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx512);  // torch's autocast: bf16 copies of x, w, e and oneDNN's products
+  const auto torch_ops = run();
+  CHECK(torch_ops.node.find("Addmm") != std::string::npos);
+  // Both round the operands to bf16 and sum in fp32; torch also rounds the weights' gradients to bf16 before
+  // casting them back, so they agree to bf16's precision (2^-8) of each tensor's scale.
+  const auto close = [](const torch::Tensor& a, const torch::Tensor& b) {
+    CHECK((a.scalar_type() == b.scalar_type()));
+    return ((a.to(torch::kFloat) - b.to(torch::kFloat)).abs().max() / b.to(torch::kFloat).abs().max()).item<float>();
+  };
+  CHECK((kernels.y.scalar_type() == torch::kBFloat16));
+  CHECK(close(kernels.y, torch_ops.y) < 1e-2);
+  CHECK(close(kernels.y_nt, torch_ops.y_nt) < 1e-2);
+  CHECK(close(kernels.dx, torch_ops.dx) < 1e-2);
+  CHECK(close(kernels.dw, torch_ops.dw) < 1e-2);
+  CHECK(close(kernels.db, torch_ops.db) < 1e-2);
+  CHECK(close(kernels.de, torch_ops.de) < 1e-2);
+  // The weights' gradients come from the fp32 sums: nearer float64's than torch's bf16-rounded ones.
+  const auto up64 = up.to(torch::kDouble);
+  const auto exact_dw = x0.to(torch::kBFloat16).to(torch::kDouble).t().mm(up64.to(torch::kBFloat16).to(torch::kDouble));
+  CHECK((kernels.dw.to(torch::kDouble) - exact_dw).abs().max().item<double>() <
+        (torch_ops.dw.to(torch::kDouble) - exact_dw).abs().max().item<double>());
+  // Every operand bf16 (bf16 weights, no autocast): the gradients come out in bf16.
+  auto x = x0.to(torch::kBFloat16).requires_grad_(), w = w0.to(torch::kBFloat16).requires_grad_();
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx512_bf16);
+  auto y = rlhf::linear_addmm({}, x, w);
+  CHECK(y.grad_fn()->name().find("GemmBf16AddmmFunction") != std::string::npos);
+  y.to(torch::kFloat).sum().backward();
+  CHECK((w.grad().scalar_type() == torch::kBFloat16));
+  CHECK(close(w.grad(), x0.t().mm(torch::ones({70, 50})).to(torch::kBFloat16)) < 1e-2);
+}
+
 TEST_CASE("GPT-2's forward and backward on the AVX-512 products equal torch's") {
   if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512) return;
   RestoreDecodeIsa restore;
