@@ -575,7 +575,8 @@ struct GemmMmNtFunction : torch::autograd::Function<GemmMmNtFunction> {
 /// bf16(bias + x w) (w [K, N]) on the bf16 kernels, as torch's addmm under bf16 autocast (x, w and the bias rounded
 /// to bf16, fp32 sums) without a bf16 copy of w: its gradients dx = dy w^T (in x's dtype), dw = x^T dy (in w's: an
 /// fp32 weight's gradient comes out of the fp32 sums, not rounded to bf16 first) and dbias = the column sums of dy
-/// (in fp32). x is saved in bf16. With create_graph the backward takes torch's operators in fp32.
+/// (summed in fp32, in the bias's dtype). x is saved in bf16. With create_graph the backward takes torch's operators
+/// in fp32.
 struct GemmBf16AddmmFunction : torch::autograd::Function<GemmBf16AddmmFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& bias,
                                const torch::Tensor& x, const torch::Tensor& w) {
