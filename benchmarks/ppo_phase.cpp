@@ -313,7 +313,8 @@ int main(int argc, char** argv) {
 
   // bf16 autocast keeps a bf16 copy of each weight it casts while a forward's graph lives; the library's bf16
   // products (CPUs with AVX512-BF16) round the fp32 weights as they pack them and make none.
-  const bool weight_copies = bf16 && (gpu || rlhf::decode_isa() < rlhf::DecodeIsa::avx512_bf16);
+  const auto weight = torch::empty({0}, torch::TensorOptions().device(device));  // asks the library, by device
+  const bool weight_copies = bf16 && !rlhf::gemm_bf16_supported({&weight});
   auto memory =
       memory_accounting(gpt2, a, bf16, weight_copies, runtime_mb, policy_params, reference_params, trainable);
   memory["peak_rss_mb"] = phase_peak_mb;

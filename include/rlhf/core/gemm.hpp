@@ -429,6 +429,26 @@ inline void gemm_bf16_block(const PairSource& a, const PairSource& b, const floa
 #endif
 }
 
+/// Whether the kernels can read every defined one of `tensors` in place: strided CPU tensors of one of `dtypes`,
+/// without a pending conjugation or negation.
+inline bool gemm_operands_of(std::initializer_list<const torch::Tensor*> tensors,
+                             std::initializer_list<torch::ScalarType> dtypes) {
+  return std::all_of(tensors.begin(), tensors.end(), [&](const torch::Tensor* t) {
+    return !t->defined() ||
+           (t->device().is_cpu() && t->layout() == torch::kStrided && !t->is_conj() && !t->is_neg() &&
+            std::find(dtypes.begin(), dtypes.end(), t->scalar_type()) != dtypes.end());
+  });
+}
+
+/// Throws, naming `who` and the shapes, unless `bias` [N] (or undefined) + `a` [M, K] `b` [K, N] is a product.
+inline void check_addmm_shapes(const char* who, const torch::Tensor& bias, const torch::Tensor& a,
+                               const torch::Tensor& b) {
+  if (a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
+      (bias.defined() && (bias.dim() != 1 || bias.size(0) != b.size(1))))
+    fail("{}: shapes {} x {} (bias {}) do not make a product [M, K] x [K, N] + [N]", who, format_shape(a.sizes()),
+         format_shape(b.sizes()), bias.defined() ? format_shape(bias.sizes()) : std::string("none"));
+}
+
 }  // namespace detail
 
 /// Whether the kernels of this file take a product of these tensors (undefined ones are skipped): every one fp32,
@@ -436,13 +456,7 @@ inline void gemm_bf16_block(const PairSource& a, const PairSource& b, const floa
 /// the decoding kernels they serve autograd (through the nodes below) and any strides.
 inline bool gemm_applies(std::initializer_list<const torch::Tensor*> tensors) {
   if (decode_isa() < DecodeIsa::avx512 || autocast_enabled(torch::kCPU)) return false;
-  for (const auto* t : tensors) {
-    if (!t->defined()) continue;
-    if (!t->device().is_cpu() || t->scalar_type() != torch::kFloat || t->layout() != torch::kStrided ||
-        t->is_conj() || t->is_neg())
-      return false;
-  }
-  return true;
+  return detail::gemm_operands_of(tensors, {torch::kFloat});
 }
 
 /// `bias` [N] (or undefined) + `a` [M, K] `b` [K, N] on the kernels, as a new contiguous [M, N] tensor, for operands
@@ -451,11 +465,7 @@ inline bool gemm_applies(std::initializer_list<const torch::Tensor*> tensors) {
 inline torch::Tensor gemm_addmm(const torch::Tensor& bias, const torch::Tensor& a, const torch::Tensor& b) {
   if (!gemm_applies({&bias, &a, &b}))
     detail::fail("gemm_addmm: needs fp32 CPU tensors, AVX-512 and autocast off (see gemm_applies)");
-  if (a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
-      (bias.defined() && (bias.dim() != 1 || bias.size(0) != b.size(1))))
-    detail::fail("gemm_addmm: shapes {} x {} (bias {}) do not make a product [M, K] x [K, N] + [N]",
-                 detail::format_shape(a.sizes()), detail::format_shape(b.sizes()),
-                 bias.defined() ? detail::format_shape(bias.sizes()) : std::string("none"));
+  detail::check_addmm_shapes("gemm_addmm", bias, a, b);
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   auto c = torch::empty({m, n}, a.options());
   if (m == 0 || n == 0) return c;
@@ -469,15 +479,7 @@ inline torch::Tensor gemm_addmm(const torch::Tensor& bias, const torch::Tensor& 
 /// Whether the bf16 kernels can take a product of these tensors (undefined ones are skipped): every one fp32 or bf16,
 /// strided and on the CPU, and a CPU with AVX512-BF16 (and BW, VL) with set_decode_isa() at avx512_bf16.
 inline bool gemm_bf16_supported(std::initializer_list<const torch::Tensor*> tensors) {
-  if (decode_isa() < DecodeIsa::avx512_bf16) return false;
-  for (const auto* t : tensors) {
-    if (!t->defined()) continue;
-    const auto dtype = t->scalar_type();
-    if (!t->device().is_cpu() || (dtype != torch::kFloat && dtype != torch::kBFloat16) ||
-        t->layout() != torch::kStrided || t->is_conj() || t->is_neg())
-      return false;
-  }
-  return true;
+  return decode_isa() >= DecodeIsa::avx512_bf16 && detail::gemm_operands_of(tensors, {torch::kFloat, torch::kBFloat16});
 }
 
 /// Whether a product of these tensors is one torch computes in bf16 and the bf16 kernels take: gemm_bf16_supported(),
@@ -499,11 +501,7 @@ inline torch::Tensor gemm_bf16_addmm(const torch::Tensor& bias, const torch::Ten
   if (!gemm_bf16_supported({&bias, &a, &b}) || (dtype != torch::kFloat && dtype != torch::kBFloat16))
     detail::fail("gemm_bf16_addmm: needs fp32 or bf16 CPU tensors, AVX512-BF16 and an fp32 or bf16 result "
                  "(see gemm_bf16_supported)");
-  if (a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
-      (bias.defined() && (bias.dim() != 1 || bias.size(0) != b.size(1))))
-    detail::fail("gemm_bf16_addmm: shapes {} x {} (bias {}) do not make a product [M, K] x [K, N] + [N]",
-                 detail::format_shape(a.sizes()), detail::format_shape(b.sizes()),
-                 bias.defined() ? detail::format_shape(bias.sizes()) : std::string("none"));
+  detail::check_addmm_shapes("gemm_bf16_addmm", bias, a, b);
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   auto result = torch::empty({m, n}, a.options().dtype(dtype));
   if (m == 0 || n == 0) return result;
