@@ -101,7 +101,7 @@ nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool 
   // backward); the log-softmax, probabilities and their products exist one row chunk at a time.
   const double vocab = (3.0 * 4 + (bf16 ? 2 : 0)) * mb * g * v;
   const double head = mb * g * 4 * d * 4 * 2;  // value head hidden pre/post ReLU
-  const double kv_cache = 2 * l * b * t * d * 4;  // fp32: the cache takes the weights' dtype, fp32 under autocast
+  const double kv_cache = 2 * l * b * t * d * (bf16 ? 2 : 4);  // under autocast the cache holds bf16 keys/values
   const double rollout = b * g * d * 4 + 8 * b * g * 4 + 2 * b * t * 8;  // ref hidden, [B, G] floats, ids + mask
   nlohmann::json items = {
       {"runtime_mb", runtime_mb},

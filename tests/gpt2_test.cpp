@@ -755,44 +755,60 @@ TEST_CASE("bf16 decode kernels pack a weight again when it changes") {
 
 TEST_CASE("fused decode attention equals torch's operators") {
   c10::InferenceMode inference;
-  const int64_t b = 3, h = 4, dh = 16, s = 9, capacity = 12;
+  const int64_t b = 3, h = 4, capacity = 40;
   const double scale = 0.25;
-  auto bias = torch::zeros({b, 1, 1, s});
-  bias.index_put_({0, 0, 0, 2}, -INFINITY);  // a padded key of row 0
-  bias.index_put_({1, 0, 0, torch::indexing::Slice(0, 4)}, -INFINITY);  // row 1's first four keys
   if (rlhf::detail::cpu_decode_isa() < rlhf::DecodeIsa::avx2) {
-    CHECK_FALSE(rlhf::decode_attention(torch::randn({b, h, 1, dh}), torch::randn({b, h, s, dh}),
-                                       torch::randn({b, h, s, dh}), bias, scale)
+    CHECK_FALSE(rlhf::decode_attention(torch::randn({b, h, 1, 16}), torch::randn({b, h, 9, 16}),
+                                       torch::randn({b, h, 9, 16}), torch::zeros({b, 1, 1, 9}), scale)
                     .defined());
     return;
   }
   torch::manual_seed(13);
-  for (auto q_dtype : {torch::kFloat, torch::kBFloat16}) {
-    for (auto kv_dtype : {torch::kFloat, torch::kBFloat16}) {
-      CAPTURE(q_dtype);
-      CAPTURE(kv_dtype);
-      // as the model hands them over: q a strided slice of the fused projection, k and v views of the cache
-      auto q = torch::randn({b, 1, 3, h, dh}).to(q_dtype).permute({2, 0, 3, 1, 4})[0];  // [B, H, 1, Dh]
-      auto keys = torch::randn({b, h, capacity, dh}).to(kv_dtype), values = torch::randn({b, h, capacity, dh}).to(kv_dtype);
-      auto k = keys.narrow(2, 0, s), v = values.narrow(2, 0, s);
-      auto out = rlhf::decode_attention(q, k, v, bias, scale);
-      REQUIRE(out.defined());
-      CHECK(out.sizes() == torch::IntArrayRef({b, h, 1, dh}));
-      CHECK((out.scalar_type() == kv_dtype));
-      CHECK(out.transpose(1, 2).is_contiguous());  // the heads' concatenation needs no copy
-      auto scores = (q.to(torch::kDouble) * k.to(torch::kDouble)).sum(-1).mul(scale).unsqueeze(2) + bias;
-      auto expected = (torch::softmax(scores, -1).transpose(-2, -1) * v.to(torch::kDouble)).sum(2, true);
-      if (kv_dtype == torch::kBFloat16)
-        CHECK(bf16_rounding_of(out, expected));
-      else
-        CHECK(max_diff(out.to(torch::kDouble), expected) < 1e-5);
-      // a key the bias hides changes nothing
-      values.index_put_({1, torch::indexing::Slice(), 3}, 1e4);
-      CHECK(torch::equal(rlhf::decode_attention(q, k, v, bias, scale), out));
+  // AVX2 (8 lanes), and the CPU's best: with AVX-512, 16 positions at a time for head widths in 16s up to 128
+  std::vector<rlhf::DecodeIsa> isas{rlhf::DecodeIsa::avx2};
+  if (rlhf::detail::cpu_decode_isa() >= rlhf::DecodeIsa::avx512) isas.push_back(rlhf::DecodeIsa::avx512_bf16);
+  for (const auto isa : isas) {
+    rlhf::set_decode_isa(isa);
+    // one block of positions and a part of one; widths in 16s (1 and 4 of them), one in 8s only, one past 128
+    for (const auto& [dh, s] : {std::pair<int64_t, int64_t>{16, 9}, {64, 37}, {24, 17}, {144, 16}}) {
+      CAPTURE(static_cast<int>(isa));
+      CAPTURE(dh);
+      CAPTURE(s);
+      auto bias = torch::zeros({b, 1, 1, s});
+      bias.index_put_({0, 0, 0, 2}, -INFINITY);                           // a padded key of row 0
+      bias.index_put_({1, 0, 0, torch::indexing::Slice(0, 4)}, -INFINITY);  // row 1's first four keys
+      for (auto q_dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (auto kv_dtype : {torch::kFloat, torch::kBFloat16}) {
+          CAPTURE(q_dtype);
+          CAPTURE(kv_dtype);
+          // as the model hands them over: q a strided slice of the fused projection, k and v views of the cache
+          auto q = torch::randn({b, 1, 3, h, dh}).to(q_dtype).permute({2, 0, 3, 1, 4})[0];  // [B, H, 1, Dh]
+          auto keys = torch::randn({b, h, capacity, dh}).to(kv_dtype);
+          auto values = torch::randn({b, h, capacity, dh}).to(kv_dtype);
+          auto k = keys.narrow(2, 0, s), v = values.narrow(2, 0, s);
+          auto out = rlhf::decode_attention(q, k, v, bias, scale);
+          REQUIRE(out.defined());
+          CHECK(out.sizes() == torch::IntArrayRef({b, h, 1, dh}));
+          CHECK((out.scalar_type() == kv_dtype));
+          CHECK(out.transpose(1, 2).is_contiguous());  // the heads' concatenation needs no copy
+          auto scores = (q.to(torch::kDouble) * k.to(torch::kDouble)).sum(-1).mul(scale).unsqueeze(2) + bias;
+          auto expected = (torch::softmax(scores, -1).transpose(-2, -1) * v.to(torch::kDouble)).sum(2, true);
+          if (kv_dtype == torch::kBFloat16)
+            CHECK(bf16_rounding_of(out, expected));
+          else
+            CHECK(max_diff(out.to(torch::kDouble), expected) < 1e-5);
+          // a key the bias hides changes nothing
+          values.index_put_({1, torch::indexing::Slice(), 3}, 1e4);
+          CHECK(torch::equal(rlhf::decode_attention(q, k, v, bias, scale), out));
+        }
+      }
     }
   }
-  // What stays with torch: a head width that is not a multiple of 8, an autograd graph, a bias in bf16.
-  auto q = torch::randn({b, h, 1, dh}), k = torch::randn({b, h, s, dh});
+  rlhf::set_decode_kernels(true);
+  // What stays with torch: a head width that is not a multiple of 8, a bias in bf16, the kernels turned off.
+  const int64_t s = 9;
+  auto bias = torch::zeros({b, 1, 1, s});
+  auto q = torch::randn({b, h, 1, 16}), k = torch::randn({b, h, s, 16});
   CHECK_FALSE(rlhf::decode_attention(torch::randn({b, h, 1, 12}), torch::randn({b, h, s, 12}),
                                      torch::randn({b, h, s, 12}), bias, scale)
                   .defined());
@@ -851,6 +867,30 @@ TEST_CASE("GELU kernels: fp32 near the exact values and bf16 their rounding, for
   RestoreDecodeIsa restore;
   rlhf::set_decode_isa(rlhf::DecodeIsa::avx2);
   CHECK(torch::equal(rlhf::gelu_tanh(x), torch::gelu(x, "tanh")));
+}
+
+TEST_CASE("under bf16 autocast the KV cache holds bf16 and decodes as an fp32 cache does") {
+  // The projections give bf16 keys and values under autocast: a bf16 cache holds them as they are.
+  auto model = tiny_model_wide_heads(7);
+  const auto& config = model->config();
+  auto ids = torch::randint(0, 37, {2, 8}, torch::kLong);
+  c10::InferenceMode inference;
+  CHECK((model->new_cache(2, 8).dtype() == torch::kFloat));
+  rlhf::AutocastScope scope(rlhf::Precision::bf16, torch::kCPU);
+  auto decode = [&](rlhf::KVCache cache) {
+    std::vector<torch::Tensor> parts = {model->logits(model->forward(ids.narrow(1, 0, 3), {}, &cache))};
+    for (int64_t i = 3; i < 8; ++i) parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), {}, &cache)));
+    return torch::cat(parts, 1);
+  };
+  auto cache = model->new_cache(2, 8);
+  CHECK((cache.dtype() == torch::kBFloat16));
+  const auto with_bf16 = decode(cache);
+  const auto with_fp32 =
+      decode(rlhf::KVCache(config.n_layer, 2, config.n_head, 8, config.d_head(), torch::TensorOptions(torch::kFloat)));
+  if (rlhf::detail::cpu_decode_isa() >= rlhf::DecodeIsa::avx2)
+    CHECK(torch::equal(with_bf16, with_fp32));  // the fused attention sums bf16 products in fp32 either way
+  else
+    CHECK(max_diff(with_bf16, with_fp32) < 0.05);  // torch's broadcast product rounds bf16 q k to bf16
 }
 
 TEST_CASE("bf16 decoding through the decode kernels is as close to fp32 as torch's bf16") {

@@ -18,6 +18,7 @@
 #include <rlhf/core/decode_attention.hpp>
 #include <rlhf/core/gelu.hpp>
 #include <rlhf/core/gemm.hpp>
+#include <rlhf/core/precision.hpp>
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/io/atomic_file.hpp>
@@ -292,10 +293,16 @@ class GPT2Impl : public torch::nn::Module {
     return y;
   }
 
-  /// A cache for `batch` rows and up to `capacity` positions, in the model's dtype and device.
+  /// A cache for `batch` rows and up to `capacity` positions on the model's device, in the dtype the keys and
+  /// values are computed in: the model's, or autocast's when it is on for fp32 weights (the projections then give
+  /// bf16 keys and values, which the cache keeps as they are: half the bytes to hold and to read each step).
   KVCache new_cache(int64_t batch, int64_t capacity) const {
     const auto& w = transformer->wte->weight;
-    return KVCache(config_.n_layer, batch, config_.n_head, capacity, config_.d_head(), w.options());
+    auto options = w.options();
+    const auto type = w.device().type();
+    if (w.scalar_type() == torch::kFloat && (type == torch::kCPU || type == torch::kCUDA) && autocast_enabled(type))
+      options = options.dtype(autocast_dtype(type));
+    return KVCache(config_.n_layer, batch, config_.n_head, capacity, config_.d_head(), options);
   }
 
   /// Re-initialises every weight as a fresh model would be.

@@ -18,7 +18,7 @@ class KVCache {
   /// Buffers of shape [batch, n_head, capacity, d_head] per layer for keys and for values.
   KVCache(int64_t n_layer, int64_t batch, int64_t n_head, int64_t capacity, int64_t d_head,
           torch::TensorOptions options)
-      : capacity_(capacity) {
+      : capacity_(capacity), dtype_(options.dtype().toScalarType()) {
     keys_.reserve(n_layer);
     values_.reserve(n_layer);
     for (int64_t i = 0; i < n_layer; ++i) {
@@ -31,6 +31,8 @@ class KVCache {
   int64_t length() const { return length_; }
   /// Positions the buffers can hold.
   int64_t capacity() const { return capacity_; }
+  /// The dtype the keys and values are held in.
+  torch::ScalarType dtype() const { return dtype_; }
   /// Rows (sequences) in the cache.
   int64_t batch_size() const { return keys_.empty() ? 0 : keys_.front().size(0); }
 
@@ -55,6 +57,7 @@ class KVCache {
   std::vector<torch::Tensor> keys_;    // per layer [B, H, capacity, Dh]
   std::vector<torch::Tensor> values_;  // per layer [B, H, capacity, Dh]
   int64_t capacity_;
+  torch::ScalarType dtype_;
   int64_t length_ = 0;
 };
 
