@@ -882,15 +882,17 @@ TEST_CASE("under bf16 autocast the KV cache holds bf16 and decodes as an fp32 ca
     for (int64_t i = 3; i < 8; ++i) parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), {}, &cache)));
     return torch::cat(parts, 1);
   };
-  auto cache = model->new_cache(2, 8);
-  CHECK((cache.dtype() == torch::kBFloat16));
-  const auto with_bf16 = decode(cache);
-  const auto with_fp32 =
-      decode(rlhf::KVCache(config.n_layer, 2, config.n_head, 8, config.d_head(), torch::TensorOptions(torch::kFloat)));
-  if (rlhf::detail::cpu_decode_isa() >= rlhf::DecodeIsa::avx2)
-    CHECK(torch::equal(with_bf16, with_fp32));  // the fused attention sums bf16 products in fp32 either way
-  else
-    CHECK(max_diff(with_bf16, with_fp32) < 0.05);  // torch's broadcast product rounds bf16 q k to bf16
+  CHECK((model->new_cache(2, 8).dtype() == torch::kBFloat16));
+  // The fused attention and torch's operators (kernels off) both form the products in fp32 and sum them in fp32.
+  RestoreDecodeIsa restore;
+  for (bool kernels : {true, false}) {
+    CAPTURE(kernels);
+    rlhf::set_decode_kernels(kernels);
+    const auto with_bf16 = decode(model->new_cache(2, 8));
+    const auto with_fp32 = decode(
+        rlhf::KVCache(config.n_layer, 2, config.n_head, 8, config.d_head(), torch::TensorOptions(torch::kFloat)));
+    CHECK(torch::equal(with_bf16, with_fp32));
+  }
 }
 
 TEST_CASE("bf16 decoding through the decode kernels is as close to fp32 as torch's bf16") {

@@ -146,10 +146,12 @@ RLHF_AVX512_TARGET inline void attend_one512(const Q* q, const KV* k, int64_t k_
   }
   if (s < positions) {
     const __m512 we = _mm512_set1_ps(scores[s]);
-    RLHF_ATTEND_UNROLL for (int c = 0; c < C; ++c) even[c] = _mm512_fmadd_ps(we, load16f(v + s * v_stride + 16 * c), even[c]);
+    const KV* ve = v + s * v_stride;
+    RLHF_ATTEND_UNROLL for (int c = 0; c < C; ++c) even[c] = _mm512_fmadd_ps(we, load16f(ve + 16 * c), even[c]);
   }
   const __m512 norm = _mm512_set1_ps(1.0f / sum_lanes512(sums));
-  RLHF_ATTEND_UNROLL for (int c = 0; c < C; ++c) store16f(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), norm));
+  RLHF_ATTEND_UNROLL for (int c = 0; c < C; ++c)
+    store16f(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), norm));
 }
 
 /// The largest head width attend_one512() takes, in 16s.

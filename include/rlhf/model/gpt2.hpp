@@ -119,8 +119,12 @@ class GPT2AttentionImpl : public torch::nn::Module {
       // (LibTorch's CPU bmm would loop over the B*H matrix-vector products one small gemm at a time).
       out = decode_attention(q, k, v, bias, scale_);
       if (!out.defined()) {
-        auto scores = (q * k).sum(-1, /*keepdim=*/false, torch::kFloat).mul_(scale_).unsqueeze(2);  // [B, H, 1, S]
-        auto probs = torch::softmax(scores.add_(bias), -1).to(v.scalar_type());
+        // Under autocast the cache holds bf16 keys and values: products in fp32, as autocast's bf16 matmul sums them
+        // (a bf16 broadcast product would round each one).
+        const bool widen = autocast_enabled(q.device().type());
+        auto scores = ((widen ? q.to(torch::kFloat) : q) * k).sum(-1, /*keepdim=*/false, torch::kFloat);
+        auto probs = torch::softmax(scores.mul_(scale_).unsqueeze(2).add_(bias), -1);  // [B, H, 1, S]
+        if (!widen) probs = probs.to(v.scalar_type());
         out = (probs.transpose(-2, -1) * v).sum(2, /*keepdim=*/true);
       }
     } else {
