@@ -76,10 +76,11 @@ GPT2<> tiny_model(uint64_t seed = 1) {
   return model;
 }
 
-/// tiny_config() with two heads of 8: the fused decode attention takes heads whose width is a multiple of 8.
-GPT2<> tiny_model_wide_heads(uint64_t seed) {
+/// tiny_config() with two heads of 8 (or `n_head` heads): the fused decode attention takes heads whose width is a
+/// multiple of 8.
+GPT2<> tiny_model_wide_heads(uint64_t seed, int64_t n_head = 2) {
   auto config = tiny_config();
-  config.n_head = 2;
+  config.n_head = n_head;
   torch::manual_seed(seed);
   GPT2<> model(config);
   model->eval();
@@ -755,6 +756,7 @@ TEST_CASE("bf16 decode kernels pack a weight again when it changes") {
 
 TEST_CASE("fused decode attention equals torch's operators") {
   c10::InferenceMode inference;
+  RestoreDecodeIsa restore;
   const int64_t b = 3, h = 4, capacity = 40;
   const double scale = 0.25;
   if (rlhf::detail::cpu_decode_isa() < rlhf::DecodeIsa::avx2) {
@@ -769,7 +771,7 @@ TEST_CASE("fused decode attention equals torch's operators") {
   if (rlhf::detail::cpu_decode_isa() >= rlhf::DecodeIsa::avx512) isas.push_back(rlhf::DecodeIsa::avx512_bf16);
   for (const auto isa : isas) {
     rlhf::set_decode_isa(isa);
-    // one block of positions and a part of one; widths in 16s (1 and 4 of them), one in 8s only, one past 128
+    // positions: part of a 16-block, two and a part, exactly one; widths in 16s (1 and 4), in 8s only, past 128
     for (const auto& [dh, s] : {std::pair<int64_t, int64_t>{16, 9}, {64, 37}, {24, 17}, {144, 16}}) {
       CAPTURE(static_cast<int>(isa));
       CAPTURE(dh);
@@ -870,28 +872,33 @@ TEST_CASE("GELU kernels: fp32 near the exact values and bf16 their rounding, for
 }
 
 TEST_CASE("under bf16 autocast the KV cache holds bf16 and decodes as an fp32 cache does") {
-  // The projections give bf16 keys and values under autocast: a bf16 cache holds them as they are.
-  auto model = tiny_model_wide_heads(7);
-  const auto& config = model->config();
-  auto ids = torch::randint(0, 37, {2, 8}, torch::kLong);
-  c10::InferenceMode inference;
-  CHECK((model->new_cache(2, 8).dtype() == torch::kFloat));
-  rlhf::AutocastScope scope(rlhf::Precision::bf16, torch::kCPU);
-  auto decode = [&](rlhf::KVCache cache) {
-    std::vector<torch::Tensor> parts = {model->logits(model->forward(ids.narrow(1, 0, 3), {}, &cache))};
-    for (int64_t i = 3; i < 8; ++i) parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), {}, &cache)));
-    return torch::cat(parts, 1);
-  };
-  CHECK((model->new_cache(2, 8).dtype() == torch::kBFloat16));
-  // The fused attention and torch's operators (kernels off) both form the products in fp32 and sum them in fp32.
+  // The projections give bf16 keys and values under autocast: a bf16 cache holds them as they are. Heads of 8 take
+  // the AVX2 attention, one head of 16 the AVX-512 one where the CPU has it.
   RestoreDecodeIsa restore;
-  for (bool kernels : {true, false}) {
-    CAPTURE(kernels);
-    rlhf::set_decode_kernels(kernels);
-    const auto with_bf16 = decode(model->new_cache(2, 8));
-    const auto with_fp32 = decode(
-        rlhf::KVCache(config.n_layer, 2, config.n_head, 8, config.d_head(), torch::TensorOptions(torch::kFloat)));
-    CHECK(torch::equal(with_bf16, with_fp32));
+  for (const int64_t n_head : {2, 1}) {
+    CAPTURE(n_head);
+    auto model = tiny_model_wide_heads(7, n_head);
+    const auto& config = model->config();
+    auto ids = torch::randint(0, 37, {2, 8}, torch::kLong);
+    c10::InferenceMode inference;
+    CHECK((model->new_cache(2, 8).dtype() == torch::kFloat));
+    rlhf::AutocastScope scope(rlhf::Precision::bf16, torch::kCPU);
+    auto decode = [&](rlhf::KVCache cache) {
+      std::vector<torch::Tensor> parts = {model->logits(model->forward(ids.narrow(1, 0, 3), {}, &cache))};
+      for (int64_t i = 3; i < 8; ++i)
+        parts.push_back(model->logits(model->forward(ids.narrow(1, i, 1), {}, &cache)));
+      return torch::cat(parts, 1);
+    };
+    CHECK((model->new_cache(2, 8).dtype() == torch::kBFloat16));
+    // The fused attention and torch's operators (kernels off) both form the products in fp32 and sum them in fp32.
+    for (bool kernels : {true, false}) {
+      CAPTURE(kernels);
+      rlhf::set_decode_kernels(kernels);
+      const auto with_bf16 = decode(model->new_cache(2, 8));
+      const auto with_fp32 = decode(
+          rlhf::KVCache(config.n_layer, 2, config.n_head, 8, config.d_head(), torch::TensorOptions(torch::kFloat)));
+      CHECK(torch::equal(with_bf16, with_fp32));
+    }
   }
 }
 
