@@ -186,9 +186,11 @@ inline void reset_device_peak(torch::Device device) {
 #endif
 }
 
-/// malloc's heap (MiB): bytes the program holds, and bytes free in the heap (glibc: freed chunks and the top chunk
-/// of every arena, touched or not; tcmalloc: its page heap's free pages still mapped), so not a measure of resident
-/// memory. Zeros where neither is readable (glibc before 2.33 lacks mallinfo2).
+/// malloc's heap (MiB): bytes the program holds, and bytes malloc holds free. tcmalloc: its page heap's free pages
+/// still mapped plus the free objects in its central, transfer and per-thread caches, all of it memory tcmalloc took
+/// from the system for earlier allocations, so resident; glibc: freed chunks and the top chunk of every arena,
+/// touched or not, so not a measure of resident memory. Zeros where neither is readable (glibc before 2.33 lacks
+/// mallinfo2).
 struct HeapUsage {
   double in_use_mb = 0, free_mb = 0;
 };
@@ -199,9 +201,13 @@ inline HeapUsage heap_usage() {
     using Property = int (*)(const char*, size_t*);
     static const auto property = reinterpret_cast<Property>(dlsym(RTLD_DEFAULT, "MallocExtension_GetNumericProperty"));
     size_t in_use = 0, free = 0;
-    if (!property || !property("generic.current_allocated_bytes", &in_use) ||
-        !property("tcmalloc.pageheap_free_bytes", &free))
-      return {};
+    if (!property || !property("generic.current_allocated_bytes", &in_use)) return {};
+    for (const char* name : {"tcmalloc.pageheap_free_bytes", "tcmalloc.central_cache_free_bytes",
+                             "tcmalloc.transfer_cache_free_bytes", "tcmalloc.thread_cache_free_bytes"}) {
+      size_t bytes = 0;
+      if (!property(name, &bytes)) return {};
+      free += bytes;
+    }
     return {static_cast<double>(in_use) / kMiB, static_cast<double>(free) / kMiB};
   }
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))

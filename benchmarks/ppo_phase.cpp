@@ -319,12 +319,15 @@ int main(int argc, char** argv) {
       memory_accounting(gpt2, a, bf16, weight_copies, runtime_mb, policy_params, reference_params, trainable);
   memory["peak_rss_mb"] = phase_peak_mb;
   // What the largest sample of resident memory was made of: the bytes the program held on malloc's heap (compare
-  // with the accounted items), the process as it started (libraries, the runtime), and the rest: freed memory that
-  // malloc kept resident (keep_memory), thread stacks, memory mapped outside malloc. malloc's free-byte count is no
-  // help here: it includes free chunks that were never touched.
+  // with the accounted items), the process as it started (libraries, the runtime), and the rest: under tcmalloc,
+  // the freed memory it kept (resident: it only holds pages earlier allocations touched) and what lies outside
+  // malloc (thread stacks, OpenBLAS's buffers, mappings of libraries touched later). glibc's free-byte count
+  // includes chunks never touched, so under glibc the rest is not split.
   const auto at_peak = sampler.peak();
+  const bool tcmalloc = runtime.allocator == "tcmalloc";
   const double accounted_items_mb = memory["bound_mb"].get<double>() - runtime_mb;
   const double rest_mb = at_peak.mb - runtime_mb - at_peak.heap.in_use_mb;
+  const double kept_mb = tcmalloc ? at_peak.heap.free_mb : 0.0;
   const double max_heap_mb = sampler.max_heap_in_use();
   if (!gpu) {
     memory["sampled_peak_rss_mb"] = at_peak.mb;
@@ -332,6 +335,10 @@ int main(int argc, char** argv) {
     memory["heap_in_use_at_peak_mb"] = at_peak.heap.in_use_mb;
     memory["accounted_items_mb"] = accounted_items_mb;
     memory["resident_beyond_heap_in_use_at_peak_mb"] = rest_mb;
+    if (tcmalloc) {
+      memory["malloc_free_at_peak_mb"] = kept_mb;
+      memory["outside_malloc_at_peak_mb"] = rest_mb - kept_mb;
+    }
   }
   fmt::print("memory (MiB): runtime {:.0f} + policy {:.0f} + reference {:.0f} + gradients {:.0f} + AdamW {:.0f} + "
              "autocast copies {:.0f} + activations of one minibatch {:.0f} + KV cache {:.0f} + rollout {:.0f} = "
@@ -343,11 +350,14 @@ int main(int argc, char** argv) {
              memory["rollout_buffers_mb"].get<double>(), memory["bound_mb"].get<double>(), phase_peak_mb,
              phase_peak_mb / memory["bound_mb"].get<double>());
 
-  if (!gpu && at_peak.heap.in_use_mb > 0)
+  if (!gpu && at_peak.heap.in_use_mb > 0) {
+    const std::string rest =
+        tcmalloc ? fmt::format("freed memory tcmalloc kept {:.0f} + outside malloc {:.0f}", kept_mb, rest_mb - kept_mb)
+                 : std::string("freed memory malloc kept, thread stacks, mappings outside malloc");
     fmt::print("at the sampled peak ({:.0f} MiB resident): runtime {:.0f} + malloc heap in use {:.0f} + the rest "
-               "{:.0f} (freed memory malloc kept, thread stacks, mappings outside malloc); the most the heap held at once: "
-               "{:.0f}, against {:.0f} of accounted items\n",
-               at_peak.mb, runtime_mb, at_peak.heap.in_use_mb, rest_mb, max_heap_mb, accounted_items_mb);
+               "{:.0f} ({}); the most the heap held at once: {:.0f}, against {:.0f} of accounted items\n",
+               at_peak.mb, runtime_mb, at_peak.heap.in_use_mb, rest_mb, rest, max_heap_mb, accounted_items_mb);
+  }
 
   if (a.batch1) {
     // A decoding step at batch 1 reads every weight once: its floor is weight bytes (matmul dtype) / bandwidth.
