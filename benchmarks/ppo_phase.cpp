@@ -327,7 +327,7 @@ int main(int argc, char** argv) {
   const bool tcmalloc = runtime.allocator == "tcmalloc";
   const double accounted_items_mb = memory["bound_mb"].get<double>() - runtime_mb;
   const double rest_mb = at_peak.mb - runtime_mb - at_peak.heap.in_use_mb;
-  const double kept_mb = tcmalloc ? at_peak.heap.free_mb : 0.0;
+  const double kept_mb = tcmalloc ? at_peak.heap.free_mb : 0.0, outside_mb = rest_mb - kept_mb;
   const double max_heap_mb = sampler.max_heap_in_use();
   if (!gpu) {
     memory["sampled_peak_rss_mb"] = at_peak.mb;
@@ -337,7 +337,7 @@ int main(int argc, char** argv) {
     memory["resident_beyond_heap_in_use_at_peak_mb"] = rest_mb;
     if (tcmalloc) {
       memory["malloc_free_at_peak_mb"] = kept_mb;
-      memory["outside_malloc_at_peak_mb"] = rest_mb - kept_mb;
+      memory["outside_malloc_at_peak_mb"] = outside_mb;
     }
   }
   fmt::print("memory (MiB): runtime {:.0f} + policy {:.0f} + reference {:.0f} + gradients {:.0f} + AdamW {:.0f} + "
@@ -352,7 +352,7 @@ int main(int argc, char** argv) {
 
   if (!gpu && at_peak.heap.in_use_mb > 0) {
     const std::string rest =
-        tcmalloc ? fmt::format("freed memory tcmalloc kept {:.0f} + outside malloc {:.0f}", kept_mb, rest_mb - kept_mb)
+        tcmalloc ? fmt::format("freed memory tcmalloc kept {:.0f} + outside malloc {:.0f}", kept_mb, outside_mb)
                  : std::string("freed memory malloc kept, thread stacks, mappings outside malloc");
     fmt::print("at the sampled peak ({:.0f} MiB resident): runtime {:.0f} + malloc heap in use {:.0f} + the rest "
                "{:.0f} ({}); the most the heap held at once: {:.0f}, against {:.0f} of accounted items\n",
