@@ -279,6 +279,12 @@ class MemorySampler {
     return best;
   }
 
+  /// Every sample so far, in time order.
+  std::vector<Sample> samples() const {
+    std::lock_guard lock(mutex_);
+    return samples_;
+  }
+
   /// The sample with the largest value (the first of equal ones); a zero sample when there is none.
   Sample peak() const {
     std::lock_guard lock(mutex_);

@@ -36,7 +36,7 @@ rlhf::GPT2Config shape_config(const std::string& shape) {
 }
 
 struct Args {
-  std::string shape = "small", precision = "fp32", device = "cpu", json_path;
+  std::string shape = "small", precision = "fp32", device = "cpu", json_path, memory_trace_path;
   int64_t prompts = 32, prompt_tokens = 16, new_tokens = 50, minibatches = 4, epochs = 2, phases = 2;
   uint64_t seed = 1;
   int threads = 0;
@@ -84,7 +84,7 @@ StageFlops phase_flops(const rlhf::GPT2Config& c, const Args& a) {
 // ---- memory accounting (MiB) ----
 
 /// What a phase must hold, item by item: the bound its peak RSS is compared with.
-nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool bf16, bool weight_copies,
+nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool bf16, bool autocast_copies,
                                  double runtime_mb, int64_t policy_params, int64_t reference_params,
                                  int64_t trainable) {
   constexpr double kMiB = 1024.0 * 1024.0;
@@ -96,20 +96,24 @@ nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool 
   // are bf16 (28D bytes) and the probabilities exist in fp32 and as their bf16 cast (6 H T bytes).
   const double per_token_layer = bf16 ? 36 * d + 6 * h * t : 64 * d + 4 * h * t;
   const double blocks = l * mb * t * per_token_layer;
-  // Full-vocabulary tensors [mb, G, V] alive at the backward peak: the fp32 logits and reference logits that
-  // policy_token_stats keeps, and the logits' fp32 gradient (bf16: also its bf16 cast for the projection's
-  // backward); the log-softmax, probabilities and their products exist one row chunk at a time.
-  const double vocab = (3.0 * 4 + (bf16 ? 2 : 0)) * mb * g * v;
+  // Full-vocabulary tensors [mb, G, V]: the policy's logits and the reference's, kept by projected_token_stats in
+  // the product's dtype (bf16 under autocast); their gradient overwrites the policy's logits, and the log-softmax,
+  // probabilities and their products exist one row chunk at a time.
+  const double vocab = 2.0 * (bf16 ? 2 : 4) * mb * g * v;
   const double head = mb * g * 4 * d * 4 * 2;  // value head hidden pre/post ReLU
   const double kv_cache = 2 * l * b * t * d * (bf16 ? 2 : 4);  // under autocast the cache holds bf16 keys/values
   const double rollout = b * g * d * 4 + 8 * b * g * 4 + 2 * b * t * 8;  // ref hidden, [B, G] floats, ids + mask
+  // bf16 copies of the policy's weights: torch's autocast caches one of each weight it casts (for a forward's
+  // graph, and while it samples); the library's bf16 kernels make none for training but pack each layer matrix and
+  // wte to bf16 once per rollout for sampling (DecodePackScope).
+  const double packed = 2 * (l * 12 * d * d + v * d);
   nlohmann::json items = {
       {"runtime_mb", runtime_mb},
       {"policy_weights_mb", policy_params * 4 / kMiB},
       {"reference_weights_mb", reference_params * 4 / kMiB},
       {"gradients_mb", trainable * 4 / kMiB},
       {"adamw_state_mb", 2.0 * trainable * 4 / kMiB},
-      {"autocast_weight_copies_mb", weight_copies ? policy_params * 2 / kMiB : 0.0},
+      {"bf16_weight_copies_mb", !bf16 ? 0.0 : autocast_copies ? policy_params * 2 / kMiB : packed / kMiB},
       {"activations_one_minibatch_mb", (blocks + vocab + head) / kMiB},
       {"kv_cache_mb", kv_cache / kMiB},
       {"rollout_buffers_mb", rollout / kMiB}};
@@ -140,6 +144,9 @@ int main(int argc, char** argv) {
   app.add_option("--seed", a.seed)->capture_default_str();
   app.add_option("--threads", a.threads, "0 = all cores");
   app.add_option("--json", a.json_path, "also write the JSON result to this file");
+  app.add_option("--memory-trace", a.memory_trace_path,
+                 "write every memory sample (ms apart) and each minibatch update's begin, gradients and end to this "
+                 "CSV file: seconds,memory_mb,heap_in_use_mb,heap_free_mb,event");
   app.add_flag("!--no-batch1", a.batch1, "skip the batch-1 sampling measurement");
   app.add_flag("--recompute-old-logprobs", a.recompute_old_logprobs,
                "a second policy forward for the old log-probs and values (PPOConfig::recompute_old_logprobs)");
@@ -206,6 +213,20 @@ int main(int argc, char** argv) {
   bench::reset_peak_rss();
   bench::reset_device_peak(device);
   bench::MemorySampler sampler(std::chrono::microseconds(1000), memory_now, /*heap=*/!gpu);
+  // The times of each minibatch update's stages, for --memory-trace.
+  struct UpdateEvents : rlhf::StepCallback {
+    const bench::MemorySampler* sampler = nullptr;
+    std::vector<std::pair<double, std::string>> events;
+    void mark(const rlhf::StepInfo& info, const char* what) {
+      events.emplace_back(sampler->offset(std::chrono::steady_clock::now()), fmt::format("{} {}", what, info.step));
+    }
+    void on_step_begin(const rlhf::StepInfo& info) override { mark(info, "update"); }
+    void on_gradients(const rlhf::StepInfo& info) override { mark(info, "gradients"); }
+    void on_step_end(const rlhf::StepInfo& info) override { mark(info, "updated"); }
+  };
+  auto update_events = std::make_shared<UpdateEvents>();
+  update_events->sampler = &sampler;
+  if (!a.memory_trace_path.empty()) trainer.add_callback(update_events);
   for (int64_t i = 0; i < a.phases; ++i) {
     PhaseRun run;
     run.from = sampler.offset(std::chrono::steady_clock::now());
@@ -214,6 +235,17 @@ int main(int argc, char** argv) {
     runs.push_back(std::move(run));
   }
   sampler.stop();
+  if (!a.memory_trace_path.empty()) {
+    std::string csv = "seconds,memory_mb,heap_in_use_mb,heap_free_mb,event\n";
+    auto event = update_events->events.begin();
+    for (const auto& sample : sampler.samples()) {
+      for (; event != update_events->events.end() && event->first <= sample.t; ++event)
+        csv += fmt::format("{:.4f},,,,{}\n", event->first, event->second);
+      csv += fmt::format("{:.4f},{:.1f},{:.1f},{:.1f},\n", sample.t, sample.mb, sample.heap.in_use_mb,
+                         sample.heap.free_mb);
+    }
+    rlhf::write_file_atomic(a.memory_trace_path, csv);
+  }
   const double phase_peak_mb = gpu ? bench::device_allocated_mb(device, true) : bench::peak_rss_mb();
   const rlhf::PhaseStats& stats = runs.back().stats;
 
@@ -311,12 +343,11 @@ int main(int argc, char** argv) {
              100 * phase_tflops * 1e12 / ceiling,
              total_floor, total_seconds / total_floor, phase_peak_mb);
 
-  // bf16 autocast keeps a bf16 copy of each weight it casts while a forward's graph lives; the library's bf16
-  // products (CPUs with AVX512-BF16) round the fp32 weights as they pack them and make none.
+  // Whether bf16 products run on torch's autocast (which caches bf16 weight copies) or on the library's kernels.
   const auto weight = torch::empty({0}, torch::TensorOptions().device(device));  // asks the library, by device
-  const bool weight_copies = bf16 && !rlhf::gemm_bf16_supported({&weight});
+  const bool autocast_copies = bf16 && !rlhf::gemm_bf16_supported({&weight});
   auto memory =
-      memory_accounting(gpt2, a, bf16, weight_copies, runtime_mb, policy_params, reference_params, trainable);
+      memory_accounting(gpt2, a, bf16, autocast_copies, runtime_mb, policy_params, reference_params, trainable);
   memory["peak_rss_mb"] = phase_peak_mb;
   // What the largest sample of resident memory was made of: the bytes the program held on malloc's heap (compare
   // with the accounted items), the process as it started (libraries, the runtime), and the rest: under tcmalloc,
@@ -341,11 +372,11 @@ int main(int argc, char** argv) {
     }
   }
   fmt::print("memory (MiB): runtime {:.0f} + policy {:.0f} + reference {:.0f} + gradients {:.0f} + AdamW {:.0f} + "
-             "autocast copies {:.0f} + activations of one minibatch {:.0f} + KV cache {:.0f} + rollout {:.0f} = "
+             "bf16 weight copies {:.0f} + activations of one minibatch {:.0f} + KV cache {:.0f} + rollout {:.0f} = "
              "{:.0f}; measured peak {:.0f} ({:.2f} of the bound)\n",
              memory["runtime_mb"].get<double>(), memory["policy_weights_mb"].get<double>(),
              memory["reference_weights_mb"].get<double>(), memory["gradients_mb"].get<double>(),
-             memory["adamw_state_mb"].get<double>(), memory["autocast_weight_copies_mb"].get<double>(),
+             memory["adamw_state_mb"].get<double>(), memory["bf16_weight_copies_mb"].get<double>(),
              memory["activations_one_minibatch_mb"].get<double>(), memory["kv_cache_mb"].get<double>(),
              memory["rollout_buffers_mb"].get<double>(), memory["bound_mb"].get<double>(), phase_peak_mb,
              phase_peak_mb / memory["bound_mb"].get<double>());

@@ -636,6 +636,35 @@ TEST_CASE("GPT-2's forward and backward on the AVX-512 products equal torch's") 
   }
 }
 
+TEST_CASE("GPT2 sparse embedding gradient: wte's gradient is unchanged when the loss goes through the projection") {
+  torch::manual_seed(5);
+  auto ids = torch::randint(0, 37, {3, 11}, torch::kLong);
+  auto model = tiny_model(9);
+  const auto& wte = model->transformer->wte->weight;
+  auto wte_grad = [&](bool sparse, bool through_projection) {
+    model->zero_grad(/*set_to_none=*/true);  // (a zeroed dense .grad would take a sparse gradient in place too)
+    rlhf::SparseEmbeddingGrad<rlhf::GPT2Impl<>> guard(*model);  // on while it lives
+    if (!sparse) model->set_sparse_embedding_grad(false);
+    CHECK(model->sparse_embedding_grad() == sparse);
+    auto hidden = model->forward(ids);
+    auto loss = through_projection ? model->logits(hidden).log_softmax(-1).select(-1, 3).sum() : hidden.sum();
+    loss.backward();
+    return wte.grad();
+  };
+  auto dense = wte_grad(false, true).clone();
+  auto sparse = wte_grad(true, true);
+  CHECK_FALSE(model->sparse_embedding_grad());  // the guard restored the setting
+  CHECK_FALSE(sparse.is_sparse());              // the projection's dense gradient took the lookup's in place
+  // The same sums in another order (the lookup's rows added one by one into the projection's gradient).
+  CHECK(max_diff(sparse, dense) < 1e-6 * dense.abs().max().item<float>() * 10);
+  // Without the projection in the loss the lookup's gradient stays sparse: the setting is for losses through it.
+  auto alone = wte_grad(true, false);
+  CHECK(alone.is_sparse());
+  auto alone_dense = alone.to_dense();
+  auto alone_reference = wte_grad(false, false);
+  CHECK(max_diff(alone_dense, alone_reference) < 1e-6 * alone_reference.abs().max().item<float>() * 10);
+}
+
 TEST_CASE("fp32 decoding with left padding through the fused attention gives the full forward's logits") {
   auto model = tiny_model_wide_heads(8);
   auto ids = torch::randint(0, 37, {3, 9}, torch::kLong);

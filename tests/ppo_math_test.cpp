@@ -3,6 +3,8 @@
 #include <rlhf/core/advantages.hpp>
 #include <rlhf/core/logprobs.hpp>
 #include <rlhf/core/masked.hpp>
+#include <rlhf/core/precision.hpp>
+#include <rlhf/core/projected_stats.hpp>
 #include <rlhf/core/softmax_stats.hpp>
 #include <rlhf/ppo/kl.hpp>
 #include <rlhf/ppo/losses.hpp>
@@ -453,6 +455,117 @@ TEST_CASE("ppo policy_token_stats: a NaN logit makes its row NaN, a NaN referenc
     CHECK(torch::isfinite(xg.grad()[4]).all().item<bool>());
     CHECK((xg.grad().narrow(0, 6, 31) == 0).all().item<bool>());
   });
+}
+
+/// Gradients of a weighted sum of PPO's three token statistics with respect to the hidden states and the projection.
+struct ProjectedGrads {
+  rlhf::PolicyTokenStats stats;
+  torch::Tensor d_hidden, d_weight;
+};
+
+/// The statistics of hidden [N, D] through weight [V, D], and their gradients, either by the fused node
+/// (projected_token_stats) or as GPT2Impl::logits() then policy_token_stats compute them; bf16 runs the products
+/// under bf16 autocast.
+ProjectedGrads projected_grads(bool fused, bool bf16, const torch::Tensor& hidden0, const torch::Tensor& weight0,
+                               const torch::Tensor& tokens, double temperature, const torch::Tensor& ref_hidden,
+                               const torch::Tensor& ref_weight, const torch::Tensor& w_lp, const torch::Tensor& w_ent,
+                               const torch::Tensor& w_kl) {
+  auto hidden = hidden0.clone().requires_grad_(true), weight = weight0.clone().requires_grad_(true);
+  ProjectedGrads out;
+  {
+    rlhf::AutocastScope autocast(bf16 ? rlhf::Precision::bf16 : rlhf::Precision::fp32, torch::kCPU);
+    if (fused) {
+      out.stats = rlhf::projected_token_stats(hidden, weight, tokens, temperature, ref_hidden, ref_weight);
+    } else {
+      auto logits = rlhf::linear_mm_nt(hidden, weight).to(torch::kFloat);
+      torch::Tensor ref;
+      if (ref_hidden.defined()) {
+        torch::NoGradGuard no_grad;
+        ref = rlhf::linear_mm_nt(ref_hidden, ref_weight).to(torch::kFloat);
+      }
+      out.stats = rlhf::policy_token_stats(logits, tokens, temperature, ref);
+    }
+  }
+  ((out.stats.logprobs * w_lp).sum() + (out.stats.entropy * w_ent).sum() + (out.stats.kl * w_kl).sum()).backward();
+  out.d_hidden = hidden.grad();
+  out.d_weight = weight.grad();
+  return out;
+}
+
+TEST_CASE("ppo projected_token_stats: the statistics and gradients of policy_token_stats of the projected logits") {
+  torch::manual_seed(41);
+  const int64_t N = 45, D = 24, V = 1013;  // V: a 5-wide tail after the 16-wide vectors
+  const double temperature = 0.8;
+  auto hidden = torch::randn({N, D}), weight = torch::randn({V, D}) * 0.3;
+  auto ref_hidden = hidden + 0.3 * torch::randn({N, D}), ref_weight = weight + 0.05 * torch::randn({V, D});
+  auto tokens = torch::randint(0, V, {N});
+  auto w_lp = torch::randn({N}), w_ent = torch::randn({N}), w_kl = torch::randn({N});
+  with_and_without_kernels([&](bool kernels) {
+    for (const bool bf16 : {false, true}) {
+      for (const bool with_ref : {true, false}) {
+        CAPTURE(bf16);
+        CAPTURE(with_ref);
+        auto rh = with_ref ? ref_hidden : torch::Tensor(), rw = with_ref ? ref_weight : torch::Tensor();
+        auto fused = projected_grads(true, bf16, hidden, weight, tokens, temperature, rh, rw, w_lp, w_ent, w_kl);
+        auto plain = projected_grads(false, bf16, hidden, weight, tokens, temperature, rh, rw, w_lp, w_ent, w_kl);
+        CHECK((fused.d_hidden.scalar_type() == torch::kFloat));
+        CHECK((fused.d_weight.scalar_type() == torch::kFloat));
+        // The same logits (bf16 ones read as the fp32 copy holds them), so the same statistics.
+        CHECK(max_abs_diff(fused.stats.logprobs, plain.stats.logprobs) == 0.0);
+        CHECK(max_abs_diff(fused.stats.entropy, plain.stats.entropy) == 0.0);
+        CHECK(max_abs_diff(fused.stats.kl, plain.stats.kl) == 0.0);
+        if (!with_ref) CHECK((fused.stats.kl == 0).all().item<bool>());
+        // fp32, and bf16 on the kernels: the same gradient of the logits (the bf16 one rounded as the product's
+        // packing rounds it) through the same products. bf16 without the kernels: torch's bf16 products on one
+        // side, fp32 products of the bf16 gradient on the other.
+        const double tol = bf16 && !kernels ? 1e-2 : 0.0;
+        INFO("d_hidden ", max_abs_diff(fused.d_hidden, plain.d_hidden), " d_weight ",
+             max_abs_diff(fused.d_weight, plain.d_weight));
+        CHECK(max_abs_diff(fused.d_hidden, plain.d_hidden) <= tol * plain.d_hidden.abs().max().item<double>());
+        CHECK(max_abs_diff(fused.d_weight, plain.d_weight) <= tol * plain.d_weight.abs().max().item<double>());
+      }
+    }
+  });
+  SUBCASE("[B, T, D] hidden states, a frozen projection, no rows") {
+    auto h = hidden.reshape({5, 9, D}).clone().requires_grad_(true);
+    auto stats = rlhf::projected_token_stats(h, weight, tokens.reshape({5, 9}), temperature);
+    REQUIRE(stats.logprobs.sizes() == torch::IntArrayRef({5, 9}));
+    auto plain = rlhf::policy_token_stats(rlhf::linear_mm_nt(hidden, weight), tokens, temperature);
+    CHECK(max_abs_diff(stats.entropy.reshape({N}), plain.entropy) == 0.0);
+    stats.logprobs.sum().backward();
+    CHECK(h.grad().sizes() == h.sizes());
+    CHECK(h.grad().abs().sum().item<double>() > 0);
+    auto none = rlhf::projected_token_stats(torch::zeros({0, D}), weight, torch::zeros({0}, torch::kLong));
+    CHECK(none.logprobs.numel() == 0);
+  }
+  SUBCASE("errors") {
+    CHECK_THROWS_WITH_AS(rlhf::projected_token_stats(hidden, weight, tokens.narrow(0, 0, 3)),
+                         "projected_token_stats: tokens must be [45] (hidden without its last dimension), got [3]",
+                         rlhf::Error);
+    CHECK_THROWS_WITH_AS(rlhf::projected_token_stats(hidden.narrow(1, 0, 5), weight, tokens),
+                         "projected_token_stats: hidden must be [..., 24] (D of weight [1013, 24]), got [45, 5]",
+                         rlhf::Error);
+    CHECK_THROWS_WITH_AS(rlhf::projected_token_stats(hidden, weight, tokens, 1.0, ref_hidden),
+                         "projected_token_stats: ref_weight must have the shape of weight [1013, 24] when ref_hidden "
+                         "is given, got an undefined tensor",
+                         rlhf::Error);
+    CHECK_THROWS_WITH_AS(rlhf::projected_token_stats(hidden, weight, torch::full({N}, V)),
+                         "projected_token_stats: token ids must lie in [0, 1013) (the vocabulary of the logits), "
+                         "found 1013",
+                         rlhf::Error);
+    auto h = hidden.clone().requires_grad_(true);
+    auto stats = rlhf::projected_token_stats(h, weight, tokens);
+    stats.entropy.sum().backward({}, /*retain_graph=*/true);
+    CHECK_THROWS_WITH_AS(stats.entropy.sum().backward(),
+                         doctest::Contains("projected_token_stats: a second backward pass through the same "
+                                           "statistics (retain_graph = true) is not supported"),
+                         std::exception);
+    auto again = rlhf::projected_token_stats(h, weight, tokens);
+    CHECK_THROWS_WITH_AS(torch::autograd::grad({again.entropy.sum()}, {h}, {}, true, /*create_graph=*/true),
+                         doctest::Contains("projected_token_stats: double backward (create_graph = true) is not "
+                                           "supported"),
+                         std::exception);
+  }
 }
 
 TEST_CASE("ppo token_stats_chunked: same values and gradients as the unchunked computation") {

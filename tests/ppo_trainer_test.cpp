@@ -237,6 +237,43 @@ TEST_CASE("ppo trainer: a run resumed from save_state continues exactly as an un
                        rlhf::Error);
 }
 
+TEST_CASE("ppo trainer: the fused token statistics give the updates of the logits() path") {
+  // A capture on the output projection makes the trainer take logits() and policy_token_stats; without one it takes
+  // projected_token_stats. Both must train alike, with the KL in the loss, a temperature and either precision.
+  struct Counting : rlhf::ForwardCapture {
+    int64_t calls = 0;
+    void on_forward(const torch::Tensor&, const torch::Tensor&) override { ++calls; }
+  };
+  for (const auto precision : {rlhf::Precision::fp32, rlhf::Precision::bf16}) {
+    CAPTURE(precision == rlhf::Precision::bf16);
+    auto config = rlhf::test::resume_config();
+    config.kl_placement = rlhf::KLPlacement::loss;
+    config.temperature = 0.9;
+    config.precision = precision;
+    std::vector<std::map<std::string, torch::Tensor>> after;
+    std::vector<rlhf::PhaseStats> stats;
+    Counting counting;
+    for (const bool fused : {true, false}) {
+      auto trainer = rlhf::test::resume_trainer(torch::kCPU, config);
+      if (!fused) trainer.policy()->base->transformer->head_capture = &counting;
+      stats.push_back(trainer.step());
+      stats.push_back(trainer.step());
+      trainer.policy()->base->transformer->head_capture = nullptr;
+      std::map<std::string, torch::Tensor> parameters;
+      for (const auto& item : trainer.policy()->named_parameters()) parameters.emplace(item.key(), item.value());
+      after.push_back(parameters);
+    }
+    CHECK(counting.calls == 2 * 2 * 2);  // the logits() path: 2 phases x 2 epochs x 2 minibatches
+    CHECK(stats[1].kl_loss != 0.0);
+    CHECK(stats[1].kl_loss == doctest::Approx(stats[3].kl_loss).epsilon(1e-5));
+    CHECK(stats[1].entropy == doctest::Approx(stats[3].entropy).epsilon(1e-5));
+    for (const auto& [name, value] : after[0]) {
+      CAPTURE(name);
+      CHECK((value - after[1].at(name)).abs().max().item<double>() <= 1e-6);
+    }
+  }
+}
+
 TEST_CASE("ppo trainer: the rollout's log-probs on the kernels equal torch's, and a token out of range is refused") {
   auto policy = rlhf::test::tiny_byte_policy(5);
   torch::NoGradGuard no_grad;

@@ -28,6 +28,7 @@
 #include <rlhf/core/masked.hpp>
 #include <rlhf/core/advantages.hpp>
 #include <rlhf/core/logprobs.hpp>
+#include <rlhf/core/projected_stats.hpp>
 #include <rlhf/model/value_head.hpp>
 #include <rlhf/model/actor_critic.hpp>
 #include <rlhf/rewards/reward.hpp>

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -551,6 +552,32 @@ struct GemmAddmmFunction : torch::autograd::Function<GemmAddmmFunction> {
   }
 };
 
+/// The gradients of y = x e^T (e [N, K], the tied vocabulary projection) for dy: dx = dy e (in `x_dtype`) and
+/// de = dy^T x (in e's dtype), each only when wanted. `reduced`: the product was computed in bf16 (x saved in bf16):
+/// the bf16 kernels where they apply (dy and x rounded to bf16, fp32 sums, so an fp32 e's gradient is not rounded to
+/// bf16 first), else torch's mm in fp32; otherwise the fp32 kernels where they apply, else torch's mm. With grad mode
+/// on (create_graph) torch's operators, so the gradients can be differentiated again.
+inline std::pair<torch::Tensor, torch::Tensor> mm_nt_grads(const torch::Tensor& dy, const torch::Tensor& x,
+                                                           const torch::Tensor& e, torch::ScalarType x_dtype,
+                                                           bool reduced, bool want_dx, bool want_de) {
+  const bool graph = torch::GradMode::is_enabled();
+  torch::Tensor dx, de;
+  if (reduced) {
+    const bool kernels = !graph && gemm_bf16_supported({&dy, &x, &e});
+    if (want_dx)
+      dx = kernels ? gemm_bf16_addmm({}, dy, e, x_dtype)
+                   : torch::mm(dy.to(torch::kFloat), e.to(torch::kFloat)).to(x_dtype);
+    if (want_de)
+      de = kernels ? gemm_bf16_addmm({}, dy.t(), x, e.scalar_type())
+                   : torch::mm(dy.t().to(torch::kFloat), x.to(torch::kFloat)).to(e.scalar_type());
+  } else {
+    const bool kernels = !graph && gemm_applies({&dy, &x, &e});
+    if (want_dx) dx = (kernels ? gemm_addmm({}, dy, e) : torch::mm(dy, e)).to(x_dtype);
+    if (want_de) de = kernels ? gemm_addmm({}, dy.t(), x) : torch::mm(dy.t(), x);
+  }
+  return {dx, de};
+}
+
 /// y = x e^T (e [N, K], the tied vocabulary projection) with its gradients on the kernels: dx = dy e, de = dy^T x.
 struct GemmMmNtFunction : torch::autograd::Function<GemmMmNtFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -561,11 +588,9 @@ struct GemmMmNtFunction : torch::autograd::Function<GemmMmNtFunction> {
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &e = saved[1], &dy = grads[0];
-    const bool kernels = !torch::GradMode::is_enabled() && gemm_applies({&dy});
-    torch::Tensor dx, de;
-    if (ctx->needs_input_grad(0)) dx = kernels ? gemm_addmm({}, dy, e) : torch::mm(dy, e);
-    if (ctx->needs_input_grad(1)) de = kernels ? gemm_addmm({}, dy.t(), x) : torch::mm(dy.t(), x);
+    const auto &x = saved[0], &e = saved[1];
+    auto [dx, de] = mm_nt_grads(grads[0], x, e, x.scalar_type(), false, ctx->needs_input_grad(0),
+                                ctx->needs_input_grad(1));
     return {dx, de};
   }
 };
@@ -616,16 +641,9 @@ struct GemmBf16MmNtFunction : torch::autograd::Function<GemmBf16MmNtFunction> {
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x16 = saved[0], &e = saved[1], &dy = grads[0];
     const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    const bool kernels = !torch::GradMode::is_enabled() && gemm_bf16_supported({&dy});
-    torch::Tensor dx, de;
-    if (ctx->needs_input_grad(0))
-      dx = kernels ? gemm_bf16_addmm({}, dy, e, x_dtype)
-                   : torch::mm(dy.to(torch::kFloat), e.to(torch::kFloat)).to(x_dtype);
-    if (ctx->needs_input_grad(1))
-      de = kernels ? gemm_bf16_addmm({}, dy.t(), x16, e.scalar_type())
-                   : torch::mm(dy.t().to(torch::kFloat), x16.to(torch::kFloat)).to(e.scalar_type());
+    auto [dx, de] = mm_nt_grads(grads[0], saved[0], saved[1], x_dtype, true, ctx->needs_input_grad(0),
+                                ctx->needs_input_grad(1));
     return {dx, de};
   }
 };

@@ -194,32 +194,70 @@ inline FusedChunk fused_chunk(const torch::Tensor& logits, const torch::Tensor& 
   return c;
 }
 
-/// policy_token_stats' autograd node: the forward pass keeps only the logits (and per-row entropy and KL); the
-/// backward pass recomputes each chunk's softmax and writes the logits' gradient in closed form,
-/// dL/dz = p (-g_lp - g_H (log p + H) + g_KL (log p - log q - KL)) + g_lp onehot(token), z = logits / temperature.
-/// fp32 and bf16 logits on a CPU with AVX-512 take the kernels of core/softmax_stats.hpp instead of the chunk loop
-/// (the forward pass then also keeps the two log-sum-exps per row).
+/// The per-row statistics of policy_token_stats, [N] each in the stats dtype, of logits [N, V] / temperature and
+/// reference logits (an empty tensor for none; the KL is then 0), tokens [N] int64 in range: fp32 and bf16 logits on
+/// a CPU with AVX-512 take the kernels of core/softmax_stats.hpp (which also give the two log-sum-exps per row), others
+/// a row-chunk loop of torch's operators (`lse` and `ref_lse` left undefined).
+inline SoftmaxRowStats token_stats_rows(const torch::Tensor& logits, const torch::Tensor& tokens,
+                                        const torch::Tensor& ref_logits, double temperature) {
+  if (softmax_stats_kernels_apply(logits, ref_logits))
+    return softmax_stats_forward(logits, tokens, ref_logits, temperature);
+  const int64_t N = logits.size(0);
+  const bool with_ref = ref_logits.numel() > 0;
+  auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
+  SoftmaxRowStats st{torch::empty({N}, opts), torch::empty({N}, opts), torch::zeros({N}, opts), {}, {}};
+  for_each_chunk(logits, [&](int64_t s, int64_t n) {
+    auto c = fused_chunk(logits, ref_logits, s, n, temperature);
+    st.logprob.narrow(0, s, n).copy_(c.logp.gather(-1, tokens.narrow(0, s, n).unsqueeze(-1)).squeeze(-1));
+    st.entropy.narrow(0, s, n).copy_(-(c.p * c.logp_finite).sum(-1));
+    if (with_ref) st.kl.narrow(0, s, n).copy_((c.p * (c.logp_finite - c.ref_logp_finite)).sum(-1));
+  });
+  return st;
+}
+
+/// The gradient [N, V] (the logits' dtype), written into `out` (which may be `logits` itself: each row chunk is read
+/// before it is written), of sum g_lp log p(token) + g_ent entropy + g_kl KL with respect to the logits, from
+/// token_stats_rows' `stats` of the same operands; g_* are [N] (undefined: no gradient, counted as 0). In closed
+/// form, dL/dz = p (-g_lp - g_H (log p + H) + g_KL (log p - log q - KL)) + g_lp onehot(token), z = logits / T.
+inline torch::Tensor token_stats_grad(const torch::Tensor& logits, const torch::Tensor& tokens,
+                                      const torch::Tensor& ref_logits, double temperature,
+                                      const torch::autograd::variable_list& grads, const SoftmaxRowStats& stats,
+                                      torch::Tensor out) {
+  auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
+  auto column = [&](const torch::Tensor& g) {  // [N, 1]; an output without gradient counts as 0
+    return (g.defined() ? g.to(opts.dtype()) : torch::zeros({logits.size(0)}, opts)).unsqueeze(-1);
+  };
+  auto g_lp = column(grads[0]), g_ent = column(grads[1]), g_kl = column(grads[2]);
+  if (stats.lse.defined())  // token_stats_rows ran the kernels
+    return softmax_stats_backward(logits, tokens, ref_logits, temperature, g_lp.squeeze(-1), g_ent.squeeze(-1),
+                                  g_kl.squeeze(-1), stats, out);
+  const bool with_ref = ref_logits.numel() > 0;
+  for_each_chunk(logits, [&](int64_t s, int64_t n) {
+    auto c = fused_chunk(logits, ref_logits, s, n, temperature);
+    auto lp_g = g_lp.narrow(0, s, n);
+    auto coef = (c.logp_finite + stats.entropy.narrow(0, s, n).unsqueeze(-1))
+                    .mul_(g_ent.narrow(0, s, n))
+                    .neg_()
+                    .sub_(lp_g);
+    if (with_ref)
+      coef.add_((c.logp_finite - c.ref_logp_finite)
+                    .sub_(stats.kl.narrow(0, s, n).unsqueeze(-1))
+                    .mul_(g_kl.narrow(0, s, n)));
+    auto g = c.p.mul_(coef).scatter_add_(-1, tokens.narrow(0, s, n).unsqueeze(-1), lp_g);
+    out.narrow(0, s, n).copy_(temperature == 1.0 ? g : g.div_(temperature));
+  });
+  return out;
+}
+
+/// policy_token_stats' autograd node: the forward pass keeps only the logits and per-row statistics; the backward
+/// pass writes the logits' gradient in closed form (token_stats_grad).
 struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor logits,
                                                 torch::Tensor tokens, torch::Tensor ref_logits, double temperature) {
     ctx->saved_data["temperature"] = temperature;
-    if (softmax_stats_kernels_apply(logits, ref_logits)) {  // AVX-512, fp32 or bf16 on the CPU
-      auto st = softmax_stats_forward(logits, tokens, ref_logits, temperature);
-      ctx->save_for_backward({logits, tokens, ref_logits, st.entropy, st.kl, st.lse, st.ref_lse});
-      return {st.logprob, st.entropy, st.kl};
-    }
-    const int64_t N = logits.size(0);
-    const bool with_ref = ref_logits.numel() > 0;
-    auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
-    auto lp = torch::empty({N}, opts), ent = torch::empty({N}, opts), kl = torch::zeros({N}, opts);
-    for_each_chunk(logits, [&](int64_t s, int64_t n) {
-      auto c = fused_chunk(logits, ref_logits, s, n, temperature);
-      lp.narrow(0, s, n).copy_(c.logp.gather(-1, tokens.narrow(0, s, n).unsqueeze(-1)).squeeze(-1));
-      ent.narrow(0, s, n).copy_(-(c.p * c.logp_finite).sum(-1));
-      if (with_ref) kl.narrow(0, s, n).copy_((c.p * (c.logp_finite - c.ref_logp_finite)).sum(-1));
-    });
-    ctx->save_for_backward({logits, tokens, ref_logits, ent, kl});
-    return {lp, ent, kl};
+    auto st = token_stats_rows(logits, tokens, ref_logits, temperature);
+    ctx->save_for_backward({logits, tokens, ref_logits, st.entropy, st.kl, st.lse, st.ref_lse});
+    return {st.logprob, st.entropy, st.kl};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -228,34 +266,10 @@ struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction>
       fail("policy_token_stats: double backward (create_graph = true) is not supported");
     auto saved = ctx->get_saved_variables();
     const auto& logits = saved[0];
-    const auto& tokens = saved[1];
-    const auto& ref_logits = saved[2];
-    const auto& ent = saved[3];
-    const auto& kl = saved[4];
-    const double temperature = ctx->saved_data["temperature"].toDouble();
-    const bool with_ref = ref_logits.numel() > 0;
-    auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
-    auto column = [&](const torch::Tensor& g) {  // [N, 1]; an output without gradient counts as 0
-      return (g.defined() ? g.to(opts.dtype()) : torch::zeros({logits.size(0)}, opts)).unsqueeze(-1);
-    };
-    auto g_lp = column(grads[0]), g_ent = column(grads[1]), g_kl = column(grads[2]);
-    if (saved.size() == 7)  // the forward pass ran the kernels and kept the log-sum-exps
-      return {softmax_stats_backward(logits, tokens, ref_logits, temperature, g_lp.squeeze(-1), g_ent.squeeze(-1),
-                                     g_kl.squeeze(-1), {{}, ent, kl, saved[5], saved[6]}),
-              torch::Tensor(), torch::Tensor(), torch::Tensor()};
-    auto grad = torch::empty_like(logits);
-    for_each_chunk(logits, [&](int64_t s, int64_t n) {
-      auto c = fused_chunk(logits, ref_logits, s, n, temperature);
-      auto lp_g = g_lp.narrow(0, s, n);
-      auto coef = (c.logp_finite + ent.narrow(0, s, n).unsqueeze(-1)).mul_(g_ent.narrow(0, s, n)).neg_().sub_(lp_g);
-      if (with_ref)
-        coef.add_((c.logp_finite - c.ref_logp_finite)
-                      .sub_(kl.narrow(0, s, n).unsqueeze(-1))
-                      .mul_(g_kl.narrow(0, s, n)));
-      auto g = c.p.mul_(coef).scatter_add_(-1, tokens.narrow(0, s, n).unsqueeze(-1), lp_g);
-      grad.narrow(0, s, n).copy_(temperature == 1.0 ? g : g.div_(temperature));
-    });
-    return {grad, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    const SoftmaxRowStats stats{{}, saved[3], saved[4], saved[5], saved[6]};
+    return {token_stats_grad(logits, saved[1], saved[2], ctx->saved_data["temperature"].toDouble(), grads, stats,
+                             torch::empty_like(logits)),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 

@@ -169,6 +169,9 @@ RLHF_AVX512_TARGET void softmax_stats_grad_rows(const T* x, const T* ref, const 
       for (int64_t i = 0; i < V; i += 16) store_part(o + i, _mm512_set1_ps(nan), std::min<int64_t>(16, V - i));
       continue;
     }
+    // The taken token's logits, read before the row is written (out may be x).
+    const int64_t t = tokens[r];
+    const float x_t = element_value(xr + t), q_t = qr ? element_value(qr + t) : 0.0f;
     const float c0 = -g_lp[r] - g_ent[r] * entropy[r] - (with_ref ? g_kl[r] * kl[r] : 0.0f);
     const float cp = (with_ref ? g_kl[r] : 0.0f) - g_ent[r], cq = with_ref ? -g_kl[r] : 0.0f;
     const __m512 vlse = _mm512_set1_ps(lse[r]), vlseq = _mm512_set1_ps(qr ? ref_lse[r] : 0.0f);
@@ -183,10 +186,9 @@ RLHF_AVX512_TARGET void softmax_stats_grad_rows(const T* x, const T* ref, const 
       store_part(o + i, _mm512_mul_ps(g, vinv), count);
     }
     // The taken token's element again, with g_lp added before the (bf16) rounding.
-    const int64_t t = tokens[r];
-    const float logp = element_value(xr + t) * inv_t - lse[r];
+    const float logp = x_t * inv_t - lse[r];
     float coef = c0 + cp * logp;
-    if (qr) coef += cq * (element_value(qr + t) * inv_t - ref_lse[r]);
+    if (qr) coef += cq * (q_t * inv_t - ref_lse[r]);
     const float p = logp > -87.0f ? std::exp(logp) : 0.0f;
     store_element(o + t, ((p > 0.0f ? p * coef : 0.0f) + g_lp[r]) * inv_t);
   }
@@ -232,14 +234,19 @@ inline SoftmaxRowStats softmax_stats_forward(const torch::Tensor& logits, const 
 }
 
 /// The gradient [N, V] (the logits' dtype) of sum g_lp log p(token) + g_ent entropy + g_kl KL with respect to
-/// `logits`, from softmax_stats_forward's `stats` of the same operands; g_* are [N] fp32. Call only when
-/// softmax_stats_kernels_apply().
+/// `logits`, from softmax_stats_forward's `stats` of the same operands; g_* are [N] fp32. Written into `out` when it
+/// is defined (contiguous, of the logits' shape and dtype; it may be `logits` itself), else into a new tensor. Call
+/// only when softmax_stats_kernels_apply().
 inline torch::Tensor softmax_stats_backward(const torch::Tensor& logits, const torch::Tensor& tokens,
                                             const torch::Tensor& ref_logits, double temperature,
                                             const torch::Tensor& g_lp, const torch::Tensor& g_ent,
-                                            const torch::Tensor& g_kl, const SoftmaxRowStats& stats) {
+                                            const torch::Tensor& g_kl, const SoftmaxRowStats& stats,
+                                            torch::Tensor out = {}) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto grad = torch::empty_like(logits);
+  if (out.defined() && (out.sizes() != logits.sizes() || out.scalar_type() != logits.scalar_type() ||
+                        !out.is_contiguous() || out.device() != logits.device()))
+    fail("softmax_stats_backward: out must be a contiguous tensor of the logits' shape and dtype");
+  auto grad = out.defined() ? out : torch::empty_like(logits);
 #if defined(__GNUC__) && defined(__x86_64__)
   auto tok = tokens.to(torch::kLong).contiguous();
   auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };

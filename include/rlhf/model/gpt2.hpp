@@ -2,6 +2,7 @@
 /// @file GPT-2 with Hugging Face parameter names and weight layout, padded batches and a KV cache.
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -270,7 +271,8 @@ class GPT2Impl : public torch::nn::Module {
                                                          input_ids.device()));
     auto bias = attention_bias(key_mask, past, t, torch::kFloat);  // [B, 1, T, S]
     // [B, T, D]: token embeddings (x embedding_scale; the tied output projection stays unscaled) + positions
-    auto x = transformer->wte(input_ids);
+    auto x = torch::embedding(transformer->wte->weight, input_ids, /*padding_idx=*/-1, /*scale_grad_by_freq=*/false,
+                              sparse_embedding_grad_);
     if (config_.embedding_scale != 1.0) x = x * config_.embedding_scale;
     x = x + transformer->wpe(position_ids);
     if (transformer->embedding_capture)
@@ -295,6 +297,13 @@ class GPT2Impl : public torch::nn::Module {
     auto y = linear_mm_nt(rows, wte).to(torch::kFloat).view(shape);  // fp32: core/gemm.hpp's kernels
     if (transformer->head_capture) transformer->head_capture->on_forward(hidden, y);
     return y;
+  }
+
+  /// The tied output projection's weight [V, D] that logits() multiplies by, for consumers that fuse the projection
+  /// with what follows it (projected_token_stats); undefined while a capture observes logits() (the shift recorder
+  /// needs the logits made), and the consumer then calls logits().
+  torch::Tensor fusable_output_weight() const {
+    return transformer->head_capture ? torch::Tensor() : transformer->wte->weight;
   }
 
   /// A cache for `batch` rows and up to `capacity` positions on the model's device, in the dtype the keys and
@@ -324,6 +333,15 @@ class GPT2Impl : public torch::nn::Module {
   }
 
   const GPT2Config& config() const { return config_; }
+
+  /// Whether the token-embedding lookup of forward() gives wte a sparse gradient (the looked-up rows) instead of a
+  /// dense [V, D] one. Only for a loss that also goes through the tied output projection (logits(),
+  /// projected_token_stats): its dense gradient reaches wte first and autograd adds the sparse one into it in place,
+  /// where two dense gradients take two more [V, D] tensors (the lookup's zeros and an out-of-place sum; 147 MiB each
+  /// for GPT-2). Without the projection in the loss wte's .grad would be sparse, which AdamW refuses. Off by default;
+  /// PPOTrainer turns it on around its minibatch forwards (SparseEmbeddingGrad).
+  bool sparse_embedding_grad() const { return sparse_embedding_grad_; }
+  void set_sparse_embedding_grad(bool on) { sparse_embedding_grad_ = on; }
 
   /// The device of the weights.
   torch::Device device() const { return transformer->wte->weight.device(); }
@@ -359,6 +377,33 @@ class GPT2Impl : public torch::nn::Module {
   }
 
   GPT2Config config_;
+  bool sparse_embedding_grad_ = false;
+};
+
+/// Turns a model's sparse embedding gradient (GPT2Impl::set_sparse_embedding_grad) on for the guard's lifetime and
+/// restores the previous setting; does nothing for a model without the setting.
+template <class Model>
+class SparseEmbeddingGrad {
+ public:
+  explicit SparseEmbeddingGrad(Model& model) : model_(model) {
+    if constexpr (kHasSetting) {
+      previous_ = model_.sparse_embedding_grad();
+      model_.set_sparse_embedding_grad(true);
+    }
+  }
+  ~SparseEmbeddingGrad() {
+    if constexpr (kHasSetting) model_.set_sparse_embedding_grad(previous_);
+  }
+  SparseEmbeddingGrad(const SparseEmbeddingGrad&) = delete;
+  SparseEmbeddingGrad& operator=(const SparseEmbeddingGrad&) = delete;
+
+ private:
+  static constexpr bool kHasSetting = requires(Model& m) {
+    { m.sparse_embedding_grad() } -> std::convertible_to<bool>;
+    m.set_sparse_embedding_grad(true);
+  };
+  Model& model_;
+  bool previous_ = false;
 };
 
 /// Re-initialises `model` as PyTorch's word-language-model examples do (the setup of the training-transparency

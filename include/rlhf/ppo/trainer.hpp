@@ -22,6 +22,7 @@
 #include <rlhf/adapters/lora.hpp>
 #include <rlhf/core/advantages.hpp>
 #include <rlhf/core/logprobs.hpp>
+#include <rlhf/core/projected_stats.hpp>
 #include <rlhf/core/masked.hpp>
 #include <rlhf/core/precision.hpp>
 #include <rlhf/core/softmax_stats.hpp>
@@ -433,16 +434,16 @@ class PPOTrainer {
   detail::MinibatchTerms minibatch_loss(const detail::RolloutData& d, const torch::Tensor& idx, double kl_coef) {
     auto& base = *policy_->base;
     AutocastScope autocast(config_.precision, base.device());
+    // The loss goes through the tied output projection: the embedding's gradient can be sparse, added in place.
+    SparseEmbeddingGrad sparse_embedding(base);
     detail::MinibatchTerms t;
     torch::Tensor mask = d.mask.index_select(0, idx);
     torch::Tensor hidden = policy_->forward(d.ids.index_select(0, idx), d.attention_mask.index_select(0, idx))
                                .narrow(1, d.p - 1, d.g);  // [mb, G, D]
     torch::Tensor values = policy_->values(hidden);        // [mb, G]
     const bool kl_in_loss = config_.kl_placement == KLPlacement::loss;
-    // log p(token), entropy and KL to the reference in one pass per row chunk: only the [mb, G, V] logits (and the
-    // reference's, for the KL) are kept for the backward pass.
-    auto stats = policy_token_stats(base.logits(hidden), d.tokens.index_select(0, idx), config_.temperature,
-                                    kl_in_loss ? reference_logits(d.ref_hidden.index_select(0, idx)) : torch::Tensor());
+    auto stats = token_stats(hidden, d.tokens.index_select(0, idx),
+                             kl_in_loss ? d.ref_hidden.index_select(0, idx) : torch::Tensor());
     t.entropy = masked_mean(stats.entropy, mask);
     t.pg = clipped_surrogate(stats.logprobs, d.old_logprobs.index_select(0, idx), d.advantages.index_select(0, idx),
                              mask, config_.clip_coef);
@@ -454,6 +455,25 @@ class PPOTrainer {
       t.loss = t.loss + kl_coef * t.kl_term;
     }
     return t;
+  }
+
+  /// log p(token), the entropy and the KL to the reference (with `ref_hidden` [mb, G, D] defined) of the policy's
+  /// final-layernorm outputs `hidden` [mb, G, D]: through projected_token_stats when both models offer their output
+  /// projection (the node keeps the [mb, G, V] logits in the product's dtype and turns them into their own gradient),
+  /// else through logits() and policy_token_stats (the fp32 logits kept, and their gradient made beside them).
+  PolicyTokenStats token_stats(const torch::Tensor& hidden, const torch::Tensor& tokens,
+                               const torch::Tensor& ref_hidden) {
+    auto& base = *policy_->base;
+    if constexpr (requires { { base.fusable_output_weight() } -> std::convertible_to<torch::Tensor>; }) {
+      auto weight = base.fusable_output_weight();
+      auto ref_weight = ref_hidden.defined()
+                            ? with_reference([](auto& reference) { return reference.fusable_output_weight(); })
+                            : torch::Tensor();
+      if (weight.defined() && (!ref_hidden.defined() || ref_weight.defined()))
+        return projected_token_stats(hidden, weight, tokens, config_.temperature, ref_hidden, ref_weight);
+    }
+    return policy_token_stats(base.logits(hidden), tokens, config_.temperature,
+                              ref_hidden.defined() ? reference_logits(ref_hidden) : torch::Tensor());
   }
 
   /// What step callbacks see of minibatch update `update` of this phase (rows `idx` of the rollout).

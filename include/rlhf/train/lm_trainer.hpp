@@ -369,6 +369,8 @@ class LMTrainer {
     torch::Tensor hidden;  // [B, T, D] fp32
     {
       AutocastScope autocast(config_.precision, device);
+      // The loss goes through the tied output projection: the embedding's gradient can be sparse, added in place.
+      SparseEmbeddingGrad sparse_embedding(*model_);
       hidden = model_->forward(in.ids, in.attention_mask);
     }
     auto is_target = in.loss_mask.narrow(1, 1, t - 1).ne(0);                 // [B, T-1]: token t + 1 is a target
