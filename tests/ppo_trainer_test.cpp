@@ -241,20 +241,38 @@ TEST_CASE("ppo trainer: the fused token statistics give the updates of the logit
   // A capture on the output projection makes the trainer take logits() and policy_token_stats; without one it takes
   // projected_token_stats. Both must train alike, with the KL in the loss, a temperature and either precision.
   struct Counting : rlhf::ForwardCapture {
-    int64_t calls = 0;
-    void on_forward(const torch::Tensor&, const torch::Tensor&) override { ++calls; }
+    int64_t calls = 0;  // under autograd: the minibatch forwards, not sampling's
+    void on_forward(const torch::Tensor&, const torch::Tensor&) override { calls += torch::GradMode::is_enabled(); }
   };
-  for (const auto precision : {rlhf::Precision::fp32, rlhf::Precision::bf16}) {
+  /// The gradients of the first update, after clipping.
+  struct FirstGradients : rlhf::StepCallback {
+    rlhf::test::ResumeTrainer* trainer = nullptr;
+    std::map<std::string, torch::Tensor> grads;
+    void on_gradients(const rlhf::StepInfo& info) override {
+      if (info.step != 0) return;
+      for (const auto& item : trainer->policy()->named_parameters())
+        if (item.value().grad().defined()) grads.emplace(item.key(), item.value().grad().clone());
+    }
+  };
+  rlhf::test::RestoreDecodeIsa restore;
+  for (const auto& [isa, precision] : {std::pair{rlhf::DecodeIsa::avx512_bf16, rlhf::Precision::fp32},
+                                       {rlhf::DecodeIsa::avx512_bf16, rlhf::Precision::bf16},
+                                       {rlhf::DecodeIsa::avx2, rlhf::Precision::bf16}}) {
+    rlhf::set_decode_isa(isa);  // avx2: torch's products and softmax statistics
+    CAPTURE(isa == rlhf::DecodeIsa::avx2);
     CAPTURE(precision == rlhf::Precision::bf16);
     auto config = rlhf::test::resume_config();
     config.kl_placement = rlhf::KLPlacement::loss;
     config.temperature = 0.9;
     config.precision = precision;
-    std::vector<std::map<std::string, torch::Tensor>> after;
+    std::vector<std::map<std::string, torch::Tensor>> after, first;
     std::vector<rlhf::PhaseStats> stats;
     Counting counting;
     for (const bool fused : {true, false}) {
       auto trainer = rlhf::test::resume_trainer(torch::kCPU, config);
+      auto gradients = std::make_shared<FirstGradients>();
+      gradients->trainer = &trainer;
+      trainer.add_callback(gradients);
       if (!fused) trainer.policy()->base->transformer->head_capture = &counting;
       stats.push_back(trainer.step());
       stats.push_back(trainer.step());
@@ -262,8 +280,23 @@ TEST_CASE("ppo trainer: the fused token statistics give the updates of the logit
       std::map<std::string, torch::Tensor> parameters;
       for (const auto& item : trainer.policy()->named_parameters()) parameters.emplace(item.key(), item.value());
       after.push_back(parameters);
+      first.push_back(gradients->grads);
     }
     CHECK(counting.calls == 2 * 2 * 2);  // the logits() path: 2 phases x 2 epochs x 2 minibatches
+    REQUIRE(first[0].size() == first[1].size());
+    const auto probe = torch::empty({0});
+    if (precision == rlhf::Precision::bf16 && !rlhf::gemm_bf16_supported({&probe})) {
+      // torch runs the bf16 products: the logits() path rounds the logits' gradient to bf16 in torch's backward and
+      // multiplies in bf16, the fused node multiplies the rounded gradient in fp32. The first update's gradients
+      // agree to bf16's precision; AdamW's normalised steps then carry such differences into the parameters.
+      for (const auto& [name, grad] : first[0]) {
+        CAPTURE(name);
+        const auto& other = first[1].at(name);
+        CHECK((grad - other).abs().max().item<double>() <= 0.02 * other.abs().max().item<double>() + 1e-7);
+      }
+      continue;
+    }
+    // On the library's kernels: the same products and gradients, so the same training.
     CHECK(stats[1].kl_loss != 0.0);
     CHECK(stats[1].kl_loss == doctest::Approx(stats[3].kl_loss).epsilon(1e-5));
     CHECK(stats[1].entropy == doctest::Approx(stats[3].entropy).epsilon(1e-5));
