@@ -549,6 +549,10 @@ TEST_CASE("ppo projected_token_stats: the statistics and gradients of policy_tok
                          "projected_token_stats: ref_weight must have the shape of weight [1013, 24] when ref_hidden "
                          "is given, got an undefined tensor",
                          rlhf::Error);
+    CHECK_THROWS_WITH_AS(rlhf::projected_token_stats(hidden, weight, tokens, 1.0, {}, ref_weight),
+                         "projected_token_stats: ref_weight was given without ref_hidden (the reference's hidden "
+                         "states)",
+                         rlhf::Error);
     CHECK_THROWS_WITH_AS(rlhf::projected_token_stats(hidden, weight, torch::full({N}, V)),
                          "projected_token_stats: token ids must lie in [0, 1013) (the vocabulary of the logits), "
                          "found 1013",

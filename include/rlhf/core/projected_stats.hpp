@@ -18,25 +18,18 @@
 namespace rlhf {
 namespace detail::ppo_math {
 
-/// Rows [N, D] x weight [V, D]^T without an autograd graph, as GPT2Impl::logits() multiplies (the rows in the
-/// weight's dtype, the decoding and GEMM kernels where they apply): [N, V] in the product's dtype, bf16 under bf16
-/// autocast.
-inline torch::Tensor vocab_product(const torch::Tensor& rows, const torch::Tensor& weight) {
-  torch::NoGradGuard no_grad;
-  return linear_mm_nt(rows, weight);
-}
-
 /// projected_token_stats' autograd node. Inputs: rows [N, D] (in the weight's dtype, contiguous), the projection
 /// weight [V, D], tokens [N] int64, the reference's rows [N, D] and weight (empty tensors for none; never
-/// differentiated) and the temperature. The forward pass makes the logits (and the reference's) with vocab_product
-/// and keeps them, the rows (in the product's dtype) and the per-row statistics; the backward pass overwrites the
+/// differentiated) and the temperature. The forward pass (grad mode off, as in every custom node's forward) makes
+/// the logits and the reference's with linear_mm_nt, as GPT2Impl::logits() does (bf16 under bf16 autocast), and keeps
+/// them, the rows (in the product's dtype) and the per-row statistics; the backward pass overwrites the
 /// logits with their gradient (token_stats_grad) and multiplies it into dL/drows and dL/dweight (mm_nt_grads).
 struct ProjectedStatsFunction : public torch::autograd::Function<ProjectedStatsFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor rows,
                                                 torch::Tensor weight, torch::Tensor tokens, torch::Tensor ref_rows,
                                                 torch::Tensor ref_weight, double temperature) {
-    auto logits = vocab_product(rows, weight);  // [N, V]
-    auto ref = ref_rows.numel() > 0 ? vocab_product(ref_rows, ref_weight) : torch::empty({0}, logits.options());
+    auto logits = linear_mm_nt(rows, weight);  // [N, V]
+    auto ref = ref_rows.numel() > 0 ? linear_mm_nt(ref_rows, ref_weight) : torch::empty({0}, logits.options());
     auto st = token_stats_rows(logits, tokens, ref, temperature);
     const bool reduced = logits.scalar_type() != stats_dtype(logits.scalar_type());
     ctx->save_for_backward({reduced ? rows.to(logits.scalar_type()) : rows, weight, tokens, ref, st.entropy, st.kl,
@@ -102,6 +95,8 @@ inline PolicyTokenStats projected_token_stats(const torch::Tensor& hidden, const
   if (ref_hidden.defined() && ref_hidden.sizes() != hidden.sizes())
     detail::fail("projected_token_stats: ref_hidden must have the shape of hidden {}, got {}", shape_of(hidden),
                  shape_of(ref_hidden));
+  if (ref_weight.defined() && !ref_hidden.defined())
+    detail::fail("projected_token_stats: ref_weight was given without ref_hidden (the reference's hidden states)");
   if (ref_hidden.defined() && (!ref_weight.defined() || ref_weight.sizes() != weight.sizes()))
     detail::fail("projected_token_stats: ref_weight must have the shape of weight {} when ref_hidden is given, got {}",
                  shape_of(weight), shape_of(ref_weight));

@@ -339,7 +339,7 @@ class GPT2Impl : public torch::nn::Module {
   /// projected_token_stats): its dense gradient reaches wte first and autograd adds the sparse one into it in place,
   /// where two dense gradients take two more [V, D] tensors (the lookup's zeros and an out-of-place sum; 147 MiB each
   /// for GPT-2). Without the projection in the loss wte's .grad would be sparse, which AdamW refuses. Off by default;
-  /// PPOTrainer turns it on around its minibatch forwards (SparseEmbeddingGrad).
+  /// PPOTrainer and LMTrainer turn it on around their training forwards (SparseEmbeddingGrad).
   bool sparse_embedding_grad() const { return sparse_embedding_grad_; }
   void set_sparse_embedding_grad(bool on) { sparse_embedding_grad_ = on; }
 
