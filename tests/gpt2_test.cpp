@@ -745,8 +745,67 @@ TEST_CASE("bf16 decode kernels round torch's bf16 products") {
     auto y = rlhf::small_rows_addmm({}, torch::randn({2, 8}), torch::randn({8, 16}));  // fp32: the fp32 kernels
     REQUIRE(y.defined());
     CHECK((y.scalar_type() == torch::kFloat));
-    CHECK(packs.bytes() == 0);
+    // with AVX-512 they read w from one packed fp32 panel (8 x 48 floats), with AVX2 in place
+    CHECK(packs.bytes() == (rlhf::decode_isa() >= rlhf::DecodeIsa::avx512 ? 8 * 48 * 4 : 0));
   }
+}
+
+TEST_CASE("pack_fp32_panels: 48-column panels of [K, N], zero past N") {
+  torch::manual_seed(14);
+  for (auto [k, n] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {7, 50}, {32, 48}, {33, 97}, {768, 2304}}) {
+    CAPTURE(k);
+    CAPTURE(n);
+    const auto w = torch::randn({k, n});
+    const int64_t panels = (n + 47) / 48;
+    auto padded = torch::zeros({k, panels * 48});
+    padded.narrow(1, 0, n).copy_(w);
+    CHECK(torch::equal(rlhf::pack_fp32_panels(w), padded.view({k, panels, 48}).permute({1, 0, 2}).contiguous()));
+  }
+  CHECK_THROWS_WITH_AS(rlhf::pack_fp32_panels(torch::randn({4, 8}, torch::kDouble)),
+                       doctest::Contains("expected an fp32 matrix"), rlhf::Error);
+}
+
+TEST_CASE("fp32 decode kernels give the same sums from packed panels as from the weight in place") {
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512) return;  // with AVX2 only they read w in place (case above)
+  c10::InferenceMode inference;
+  torch::manual_seed(15);
+  // n with column tails past the 16-wide vectors and 48-wide panels, odd k, rows past the 8-row tiles up to the
+  // kernels' 64, and tiles of 4 or more rows (which prefetch ahead within a panel) over k past the prefetch distance
+  for (int64_t k : {8, 13, 96}) {
+    for (int64_t n : {16, 40, 67, 100}) {
+      CAPTURE(k);
+      CAPTURE(n);
+      auto w = torch::randn({k, n}), bias = torch::randn({n});
+      for (int64_t m : {1, 2, 5, 8, 9, 16, 33, 64}) {
+        CAPTURE(m);
+        auto x = torch::randn({m, k});
+        auto in_place = rlhf::small_rows_addmm(bias, x, w);
+        rlhf::DecodePackScope packs;
+        auto packed = rlhf::small_rows_addmm(bias, x, w);
+        REQUIRE(in_place.defined());
+        REQUIRE(packed.defined());
+        CHECK(packs.bytes() == (n + 47) / 48 * k * 48 * 4);
+        CHECK(torch::equal(packed, in_place));  // one FMA per k in the same order
+        CHECK(max_diff(packed, torch::addmm(bias, x, w)) < 1e-4);
+      }
+    }
+  }
+}
+
+TEST_CASE("fp32 decode kernels pack a weight again when it changes") {
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512) return;
+  torch::manual_seed(16);
+  auto w = torch::randn({8, 16}, torch::requires_grad());
+  auto x = torch::randn({3, 8});
+  torch::NoGradGuard no_grad;
+  rlhf::DecodePackScope packs;
+  auto check = [&] { CHECK(max_diff(rlhf::small_rows_addmm({}, x, w), torch::mm(x, w)) < 1e-5); };
+  check();
+  w.mul_(-2.0);  // an optimiser step: in place, the version counter moves
+  check();
+  w.set_data(torch::randn({8, 16}));  // new storage (Module::to)
+  check();
+  CHECK(packs.bytes() == 8 * 48 * 4);  // the latest pack only
 }
 
 TEST_CASE("pack_bf16_pairs: bf16 pairs along k in 48-column panels, from [K, N] and from [N, K]") {

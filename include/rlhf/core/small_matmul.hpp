@@ -105,8 +105,8 @@ inline int64_t small_rows_addmm_max_rows() {
 inline constexpr int64_t kSmallRowsMmNt = 32;
 
 namespace detail {
-/// Columns per panel of weights packed for the bf16 kernels (pack_bf16_pairs).
-inline constexpr int64_t kBf16Panel = 48;
+/// Columns per panel of the weights packed for the decode kernels (pack_fp32_panels, pack_bf16_pairs).
+inline constexpr int64_t kDecodePanel = 48;
 }  // namespace detail
 
 namespace detail {
@@ -277,22 +277,30 @@ __attribute__((target("avx512f"))) inline __m512 load512(const float* p, bool ma
   return masked ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p);
 }
 
-/// y[r, n0 .. n0 + cols) = bias + x[r, :] w[:, n0 .. n0 + cols) for R rows, with C vectors of 16 columns; with
-/// Tail, the last vector is masked to `cols` (the other loads and stores stay unmasked).
+/// y[r, n0 .. n0 + cols) = bias + x[r, :] w[:, n0 .. n0 + cols) for R rows, with C vectors of 16 columns, where
+/// `strip` points at w[0, n0] and row kk of the strip starts `ldw` floats after row kk - 1 (w's row stride N in
+/// place, 48 in a packed panel); `prefetch`, when set, is the next strip in the same layout. With Tail, the last
+/// vector is masked to `cols` (the other loads and stores stay unmasked).
 template <int R, int C, bool Tail>
-__attribute__((target("avx512f"))) inline void addmm_tile512(const float* x, int64_t k, const float* w, int64_t n,
-                                                             const float* bias, float* y, int64_t n0, int64_t cols,
-                                                             const float* prefetch) {
+__attribute__((target("avx512f"))) inline void addmm_tile512(const float* x, int64_t k, const float* strip,
+                                                             int64_t ldw, int64_t n, const float* bias, float* y,
+                                                             int64_t n0, int64_t cols, const float* prefetch) {
   const __mmask16 last = Tail ? lanes_below(cols - 16 * (C - 1)) : __mmask16(0xFFFF);
   __m512 acc[R][C];
   RLHF_UNROLL for (int c = 0; c < C; ++c) {
     const __m512 b = bias ? load512(bias + n0 + 16 * c, Tail && c == C - 1, last) : _mm512_setzero_ps();
     RLHF_UNROLL for (int r = 0; r < R; ++r) acc[r][c] = b;
   }
-  const float* wk = w + n0;
-  for (int64_t kk = 0; kk < k; ++kk, wk += n) {
+  const float* wk = strip;
+  for (int64_t kk = 0; kk < k; ++kk, wk += ldw) {
+    if (R >= 4 && ldw == kDecodePanel && kk + 16 < k) {  // a panel's row 16 ahead into L1 (see AddmmStrips512)
+      const char* ahead = reinterpret_cast<const char*>(wk + 16 * kDecodePanel);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      _mm_prefetch(ahead + 128, _MM_HINT_T0);
+    }
     if (prefetch) {  // the next strip's row kk into L2, while this tile computes
-      const char* next = reinterpret_cast<const char*>(prefetch + kk * n);
+      const char* next = reinterpret_cast<const char*>(prefetch + kk * ldw);
       _mm_prefetch(next, _MM_HINT_T1);
       _mm_prefetch(next + 64, _MM_HINT_T1);
       _mm_prefetch(next + 128, _MM_HINT_T1);
@@ -316,13 +324,13 @@ __attribute__((target("avx512f"))) inline void addmm_tile512(const float* x, int
 
 /// A tile of R rows: 48 full columns, or the strip's last 1-47 columns.
 template <int R>
-__attribute__((target("avx512f"))) inline void addmm_strip512(const float* x, int64_t k, const float* w, int64_t n,
-                                                              const float* bias, float* y, int64_t n0, int64_t cols,
-                                                              const float* prefetch) {
-  if (cols == 48) return addmm_tile512<R, 3, false>(x, k, w, n, bias, y, n0, cols, prefetch);
-  if (cols > 32) return addmm_tile512<R, 3, true>(x, k, w, n, bias, y, n0, cols, prefetch);
-  if (cols > 16) return addmm_tile512<R, 2, true>(x, k, w, n, bias, y, n0, cols, prefetch);
-  addmm_tile512<R, 1, true>(x, k, w, n, bias, y, n0, cols, prefetch);
+__attribute__((target("avx512f"))) inline void addmm_strip512(const float* x, int64_t k, const float* strip,
+                                                              int64_t ldw, int64_t n, const float* bias, float* y,
+                                                              int64_t n0, int64_t cols, const float* prefetch) {
+  if (cols == 48) return addmm_tile512<R, 3, false>(x, k, strip, ldw, n, bias, y, n0, cols, prefetch);
+  if (cols > 32) return addmm_tile512<R, 3, true>(x, k, strip, ldw, n, bias, y, n0, cols, prefetch);
+  if (cols > 16) return addmm_tile512<R, 2, true>(x, k, strip, ldw, n, bias, y, n0, cols, prefetch);
+  addmm_tile512<R, 1, true>(x, k, strip, ldw, n, bias, y, n0, cols, prefetch);
 }
 
 /// Calls `strip.template run<R>(r, n0, cols, next)` for every tile of R rows starting at row r, on strips of 48
@@ -352,7 +360,13 @@ inline void tile_strips(int64_t m, int64_t c0, int64_t c1, const Strip& strip) {
   }
 }
 
-/// y [m, n] = bias + x [m, k] w [k, n] for the columns tile_strips() hands out.
+/// y [m, n] = bias + x [m, k] w [k, n] for the columns tile_strips() hands out; w in its own [K, N] layout, or
+/// with `panels` as pack_fp32_panels() lays it out. In place, a strip's last tile prefetches the next strip into L2
+/// (its rows lie a row of w apart, too far for the hardware prefetchers); a panel is one contiguous block, which
+/// the hardware prefetchers stream on their own, and tiles of 4 or more rows (whose loads the FMAs space out)
+/// fetch 16 rows ahead into L1. Zen 5, GPT-2 small's 48 layer products, fp32, ms in place -> in panels (3 runs):
+/// 1 row 8.0-8.9 -> 4.6-4.8 (no prefetch; with it 5.1-5.3), 8 rows 8.9-10.1 -> 6.0-6.8 (without it 5.8-7.1),
+/// 16 rows 12.1-14.5 -> 9.0-9.4 (without it 10.1-10.4).
 struct AddmmStrips512 {
   const float* x;
   int64_t k;
@@ -360,9 +374,13 @@ struct AddmmStrips512 {
   int64_t n;
   const float* bias;
   float* y;
+  bool panels = false;
+  /// Where the strip of columns n0 .. n0 + 48 starts.
+  const float* strip(int64_t n0) const { return panels ? w + n0 / kDecodePanel * k * kDecodePanel : w + n0; }
   template <int R>
   __attribute__((target("avx512f"))) void run(int64_t r, int64_t n0, int64_t cols, int64_t next) const {
-    addmm_strip512<R>(x + r * k, k, w, n, bias, y + r * n, n0, cols, next >= 0 ? w + next : nullptr);
+    addmm_strip512<R>(x + r * k, k, strip(n0), panels ? kDecodePanel : n, n, bias, y + r * n, n0, cols,
+                      next >= 0 && !panels ? strip(next) : nullptr);
   }
 };
 
@@ -453,7 +471,7 @@ RLHF_BF16_TARGET inline void bf16_tile(const int32_t* x, int64_t kp, const int32
   RLHF_UNROLL for (int r = 0; r < R; ++r)
     RLHF_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   const int32_t* wi = panel;
-  for (int64_t i = 0; i < kp; ++i, wi += kBf16Panel) {
+  for (int64_t i = 0; i < kp; ++i, wi += kDecodePanel) {
     __m512bh wv[C];
     RLHF_UNROLL for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(wi + 16 * c);
     RLHF_UNROLL for (int r = 0; r < R; ++r) {
@@ -533,7 +551,7 @@ struct Bf16Strips {
   template <int R>
   RLHF_BF16_TARGET void run(int64_t r, int64_t n0, int64_t cols, int64_t /*next: panels are contiguous*/) const {
     const int32_t* xr = x + r * kp;
-    const int32_t* panel = w + n0 / kBf16Panel * kp * kBf16Panel;
+    const int32_t* panel = w + n0 / kDecodePanel * kp * kDecodePanel;
     uint16_t* yr = y + r * n;
     if (cols == 48) return bf16_tile<R, 3, false>(xr, kp, panel, n, bias, yr, n0, cols);
     if (cols > 32) return bf16_tile<R, 3, true>(xr, kp, panel, n, bias, yr, n0, cols);
@@ -566,12 +584,31 @@ inline const int32_t* bf16_pairs_data(const torch::Tensor& t) { return static_ca
 
 }  // namespace detail
 
+/// `w` [K, N] fp32 in the layout of the fp32 decode kernels inside a DecodePackScope: panels of 48 columns,
+/// [ceil(N / 48), K, 48], where [p, kk, c] holds w[kk, 48p + c] (zero past N). A tile's strip is then one
+/// contiguous block read front to back; in w's own layout consecutive k lie N x 4 bytes apart, and a 48-column strip
+/// read row by row ran at 28-45 GB/s on Zen 5 (GPT-2 small's 48 layer products at 1-16 rows) where one pass over
+/// contiguous memory runs at 70-85.
+inline torch::Tensor pack_fp32_panels(const torch::Tensor& w) {
+  if (w.dim() != 2 || w.scalar_type() != torch::kFloat)
+    detail::fail("pack_fp32_panels: expected an fp32 matrix, got {} of {} dimensions", c10::toString(w.scalar_type()),
+                 w.dim());
+  constexpr int64_t width = detail::kDecodePanel;
+  const int64_t k = w.size(0), n = w.size(1), panels = (n + width - 1) / width;
+  const int64_t full = n / width, tail = n - full * width;
+  auto out = tail ? torch::zeros({panels, k, width}, w.options()) : torch::empty({panels, k, width}, w.options());
+  if (full > 0)  // one strided copy (threaded by torch): out[p, kk, c] = w[kk, 48p + c]
+    out.narrow(0, 0, full).permute({1, 0, 2}).copy_(w.narrow(1, 0, full * width).reshape({k, full, width}));
+  if (tail) out[full].narrow(1, 0, tail).copy_(w.narrow(1, full * width, tail));
+  return out;
+}
+
 /// `w` [K, N] (with `transposed`, `w`^T for `w` [N, K]) in the layout of the bf16 decode kernels: bf16 pairs along
 /// k in panels of 48 columns, [ceil(N / 48), ceil(K / 2), 48, 2], where [p, i, c] holds w[2i, 48p + c] and
 /// w[2i + 1, 48p + c] (zero past K and N). Rounds to bf16 as torch's casts do (to nearest even).
 inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
   if (w.dim() != 2) detail::fail("pack_bf16_pairs: expected a matrix, got a tensor of {} dimensions", w.dim());
-  constexpr int64_t width = detail::kBf16Panel;
+  constexpr int64_t width = detail::kDecodePanel;
   auto w16 = w.to(torch::kBFloat16).contiguous();
   const int64_t k = w.size(transposed ? 1 : 0), n = w.size(transposed ? 0 : 1), kp = (k + 1) / 2;
   const int64_t panels = (n + width - 1) / width;
@@ -619,12 +656,15 @@ inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
   return out;
 }
 
-/// While one is open in a thread, that thread's few-row products that torch would compute in bf16 (under bf16
-/// autocast, or with every operand bf16) run on the AVX512-BF16 kernels where the CPU has them: bf16 inputs, fp32
-/// sums, a bf16 result, as torch's bf16 addmm. Each weight is packed by pack_bf16_pairs() on first use and kept until
-/// the scope closes; a weight changed in place (its version counter moved) or given new storage is packed again.
-/// generate() opens one, so a rollout packs every weight once (GPT-2 small: 250 MB held while it runs). Without an
-/// open scope bf16 products go to torch: packing a weight for one product would cost more than it saves.
+/// While one is open in a thread, that thread's few-row products read each weight in a layout packed once for the
+/// decode kernels and kept until the scope closes: products torch would compute in bf16 (under bf16 autocast, or
+/// with every operand bf16) run on the AVX512-BF16 kernels where the CPU has them (bf16 inputs, fp32 sums, a bf16
+/// result, as torch's bf16 addmm; weights packed by pack_bf16_pairs()), and fp32 products of small_rows_addmm read
+/// their weights from contiguous panels (pack_fp32_panels()). A weight changed in place (its version counter moved)
+/// or given new storage is packed again. generate() opens one, so a rollout packs every weight once (GPT-2 small:
+/// 250 MB held while it runs in bf16, 340 MB in fp32, where the tied vocabulary projection reads wte in place).
+/// Without an open scope products go to torch (bf16) or read the weights in place (fp32): packing a weight for one
+/// product would cost more than it saves.
 class DecodePackScope {
  public:
   DecodePackScope() : outer_(current()) { current() = this; }
@@ -637,32 +677,42 @@ class DecodePackScope {
 
   /// `w` packed by pack_bf16_pairs(w, transposed), made on first use.
   const torch::Tensor& pairs(const torch::Tensor& w, bool transposed) {
-    auto& entry = packs_[{w.unsafeGetTensorImpl(), transposed}];
-    const int64_t version = w.is_inference() ? 0 : static_cast<int64_t>(w._version());
-    if (!entry.pairs.defined() || entry.data != w.data_ptr() || entry.version != version)
-      entry = {w, pack_bf16_pairs(w, transposed), w.data_ptr(), version};
-    return entry.pairs;
+    return packed(w, transposed ? Layout::bf16_pairs_transposed : Layout::bf16_pairs);
   }
+
+  /// `w` packed by pack_fp32_panels(w), made on first use.
+  const torch::Tensor& panels(const torch::Tensor& w) { return packed(w, Layout::fp32_panels); }
 
   /// Bytes of the packed weights held.
   int64_t bytes() const {
     int64_t total = 0;
-    for (const auto& [key, entry] : packs_) total += static_cast<int64_t>(entry.pairs.nbytes());
+    for (const auto& [key, entry] : packs_) total += static_cast<int64_t>(entry.packed.nbytes());
     return total;
   }
 
  private:
+  enum class Layout { bf16_pairs, bf16_pairs_transposed, fp32_panels };
   struct Entry {
     torch::Tensor source;  // holds the weight, so its TensorImpl (the key) is not reused while the entry lives
-    torch::Tensor pairs;
+    torch::Tensor packed;
     const void* data = nullptr;
     int64_t version = -1;
   };
+  const torch::Tensor& packed(const torch::Tensor& w, Layout layout) {
+    auto& entry = packs_[{w.unsafeGetTensorImpl(), layout}];
+    const int64_t version = w.is_inference() ? 0 : static_cast<int64_t>(w._version());
+    if (!entry.packed.defined() || entry.data != w.data_ptr() || entry.version != version)
+      entry = {w,
+               layout == Layout::fp32_panels ? pack_fp32_panels(w)
+                                             : pack_bf16_pairs(w, layout == Layout::bf16_pairs_transposed),
+               w.data_ptr(), version};
+    return entry.packed;
+  }
   static DecodePackScope*& current() {
     static thread_local DecodePackScope* scope = nullptr;
     return scope;
   }
-  std::map<std::pair<const c10::TensorImpl*, bool>, Entry> packs_;
+  std::map<std::pair<const c10::TensorImpl*, Layout>, Entry> packs_;
   DecodePackScope* outer_;
 };
 
@@ -704,7 +754,7 @@ inline torch::Tensor small_rows_bf16(const torch::Tensor& bias, const torch::Ten
   const Bf16Strips strips{bf16_pairs_data(x16), kp, bf16_pairs_data(pairs), n,
                           b.defined() ? b.data_ptr<float>() : nullptr, static_cast<uint16_t*>(y.data_ptr())};
   omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
-    const auto [c0, c1] = thread_share(n, kBf16Panel, thread, threads);  // whole panels
+    const auto [c0, c1] = thread_share(n, kDecodePanel, thread, threads);  // whole panels
     if (c0 < c1) tile_strips(m, c0, c1, strips);
   });
   return y;
@@ -727,15 +777,18 @@ inline torch::Tensor small_rows_addmm(const torch::Tensor& bias, const torch::Te
   if (x.size(0) > small_rows_addmm_max_rows() || !detail::small_matmul_applies({&bias, &x, &w})) return {};
   const int64_t m = x.size(0), k = x.size(1), n = w.size(1);
   auto y = torch::empty({m, n}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const bool avx512 = decode_isa() >= DecodeIsa::avx512;
+  // Inside a DecodePackScope the AVX-512 tiles read w from contiguous panels, packed once per scope.
+  const torch::Tensor* panels = avx512 && DecodePackScope::active() ? &DecodePackScope::active()->panels(w) : nullptr;
+  const float* wp = panels ? panels->data_ptr<float>() : w.data_ptr<float>();
   detail::omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
-    const auto [c0, c1] = detail::thread_share(n, avx512 ? 48 : 16, thread, threads);
+    const auto [c0, c1] = detail::thread_share(n, avx512 ? detail::kDecodePanel : 16, thread, threads);
     if (c0 >= c1) return;
     if (avx512)
-      detail::tile_strips(m, c0, c1, detail::AddmmStrips512{xp, k, wp, n, bp, yp});
+      detail::tile_strips(m, c0, c1, detail::AddmmStrips512{xp, k, wp, n, bp, yp, panels != nullptr});
     else
       detail::addmm_columns(xp, m, k, wp, n, bp, yp, c0, c1);
   });
