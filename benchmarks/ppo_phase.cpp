@@ -10,7 +10,7 @@
 // phase's (VmRSS, or on a GPU torch's allocated bytes, sampled every millisecond on a thread, the stage windows taken
 // from PhaseStats), the phase's peak is VmHWM (GPU: the allocator's peak) over all phases.
 //
-//   ppo_phase [--shape small|tiny] [--precision fp32|bf16] [--device cpu|cuda] [--prompts 32] [--prompt-tokens 16]
+//   ppo_phase [--shape small|tiny] [--precision fp32|bf16|auto] [--device cpu|cuda] [--prompts 32] [--prompt-tokens 16]
 //             [--new-tokens 50] [--minibatches 4] [--epochs 2] [--phases 2] [--seed 1] [--threads N] [--json PATH]
 //             [--no-batch1]
 
@@ -36,7 +36,7 @@ rlhf::GPT2Config shape_config(const std::string& shape) {
 }
 
 struct Args {
-  std::string shape = "small", precision = "fp32", device = "cpu", json_path, memory_trace_path;
+  std::string shape = "small", precision = "auto", device = "cpu", json_path, memory_trace_path;
   int64_t prompts = 32, prompt_tokens = 16, new_tokens = 50, minibatches = 4, epochs = 2, phases = 2;
   uint64_t seed = 1;
   int threads = 0;
@@ -85,7 +85,7 @@ StageFlops phase_flops(const rlhf::GPT2Config& c, const Args& a) {
 
 /// What a phase must hold, item by item: the bound its peak RSS is compared with.
 nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool bf16, bool autocast_copies,
-                                 double runtime_mb, int64_t policy_params, int64_t reference_params,
+                                 bool fp32_panels, double runtime_mb, int64_t policy_params, int64_t reference_params,
                                  int64_t trainable) {
   constexpr double kMiB = 1024.0 * 1024.0;
   const double d = c.n_embd, h = c.n_head, l = c.n_layer, v = c.vocab_size;
@@ -103,17 +103,18 @@ nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool 
   const double head = mb * g * 4 * d * 4 * 2;  // value head hidden pre/post ReLU
   const double kv_cache = 2 * l * b * t * d * (bf16 ? 2 : 4);  // under autocast the cache holds bf16 keys/values
   const double rollout = b * g * d * 4 + 8 * b * g * 4 + 2 * b * t * 8;  // ref hidden, [B, G] floats, ids + mask
-  // bf16 copies of the policy's weights: torch's autocast caches one of each weight it casts (for a forward's
-  // graph, and while it samples); the library's bf16 kernels make none for training but pack each layer matrix and
-  // wte to bf16 once per rollout for sampling (DecodePackScope).
-  const double packed = 2 * (l * 12 * d * d + v * d);
+  // Copies of the policy's weights made for sampling. bf16: torch's autocast caches one of each weight it casts
+  // (for a forward's graph, and while it samples); the library's bf16 kernels make none for training but pack each
+  // layer matrix and wte to bf16 once per rollout (DecodePackScope). fp32 on AVX-512: the layer matrices packed in
+  // panels once per rollout (wte is read in place).
+  const double packed = bf16 ? 2 * (l * 12 * d * d + v * d) : fp32_panels ? 4 * l * 12 * d * d : 0.0;
   nlohmann::json items = {
       {"runtime_mb", runtime_mb},
       {"policy_weights_mb", policy_params * 4 / kMiB},
       {"reference_weights_mb", reference_params * 4 / kMiB},
       {"gradients_mb", trainable * 4 / kMiB},
       {"adamw_state_mb", 2.0 * trainable * 4 / kMiB},
-      {"bf16_weight_copies_mb", !bf16 ? 0.0 : autocast_copies ? policy_params * 2 / kMiB : packed / kMiB},
+      {"decode_weight_copies_mb", bf16 && autocast_copies ? policy_params * 2 / kMiB : packed / kMiB},
       {"activations_one_minibatch_mb", (blocks + vocab + head) / kMiB},
       {"kv_cache_mb", kv_cache / kMiB},
       {"rollout_buffers_mb", rollout / kMiB}};
@@ -131,8 +132,9 @@ int main(int argc, char** argv) {
   app.add_option("--shape", a.shape, "small (GPT-2-small: 12 x 768, 12 heads, vocab 50257) or tiny")
       ->check(CLI::IsMember({"small", "tiny"}))
       ->capture_default_str();
-  app.add_option("--precision", a.precision, "fp32 or bf16 (autocast)")
-      ->check(CLI::IsMember({"fp32", "bf16"}))
+  app.add_option("--precision", a.precision, "fp32, bf16 (autocast) or auto (the library's default: bf16 where the "
+                                             "device computes bf16 products natively)")
+      ->check(CLI::IsMember({"fp32", "bf16", "auto"}))
       ->capture_default_str();
   app.add_option("--device", a.device, "cpu, cuda, cuda:1, ...")->capture_default_str();
   app.add_option("--prompts", a.prompts, "prompts per phase")->capture_default_str();
@@ -178,7 +180,10 @@ int main(int argc, char** argv) {
   // Memory is resident memory on the CPU and torch's allocations on a GPU.
   auto memory_now = [&] { return gpu ? bench::device_allocated_mb(device) : bench::rss_mb(); };
   const double runtime_mb = memory_now();
-  const bool bf16 = a.precision == "bf16";
+  // The precision the phase runs in: auto resolved for the device, as the trainer resolves it.
+  const auto precision = rlhf::resolve_precision(rlhf::parse_precision(a.precision, "--precision"), device);
+  a.precision = rlhf::to_string(precision);
+  const bool bf16 = precision == rlhf::Precision::bf16;
   const rlhf::GPT2Config gpt2 = shape_config(a.shape);
 
   // ---- the trainer, as a user builds it ----
@@ -188,7 +193,7 @@ int main(int argc, char** argv) {
                          .batches_per_learning_phase = a.epochs,
                          .gen_len = a.new_tokens,
                          .prepend_bos = true,
-                         .precision = rlhf::parse_precision(a.precision, "--precision"),
+                         .precision = precision,
                          .recompute_old_logprobs = a.recompute_old_logprobs};
   config.total_phases = std::max<int64_t>(config.total_phases, a.phases + config.warmup_steps + 1);
   auto reward = rlhf::FunctionReward([](const std::string& text) { return bench::letter_e_share(text); });
@@ -346,8 +351,9 @@ int main(int argc, char** argv) {
   // Whether bf16 products run on torch's autocast (which caches bf16 weight copies) or on the library's kernels.
   const auto weight = torch::empty({0}, torch::TensorOptions().device(device));  // asks the library, by device
   const bool autocast_copies = bf16 && !rlhf::gemm_bf16_supported({&weight});
-  auto memory =
-      memory_accounting(gpt2, a, bf16, autocast_copies, runtime_mb, policy_params, reference_params, trainable);
+  const bool fp32_panels = !bf16 && !gpu && rlhf::decode_isa() >= rlhf::DecodeIsa::avx512;
+  auto memory = memory_accounting(gpt2, a, bf16, autocast_copies, fp32_panels, runtime_mb, policy_params,
+                                  reference_params, trainable);
   memory["peak_rss_mb"] = phase_peak_mb;
   // What the largest sample of resident memory was made of: the bytes the program held on malloc's heap (compare
   // with the accounted items), the process as it started (libraries, the runtime), and the rest: under tcmalloc,
@@ -372,11 +378,11 @@ int main(int argc, char** argv) {
     }
   }
   fmt::print("memory (MiB): runtime {:.0f} + policy {:.0f} + reference {:.0f} + gradients {:.0f} + AdamW {:.0f} + "
-             "bf16 weight copies {:.0f} + activations of one minibatch {:.0f} + KV cache {:.0f} + rollout {:.0f} = "
+             "decode weight copies {:.0f} + activations of one minibatch {:.0f} + KV cache {:.0f} + rollout {:.0f} = "
              "{:.0f}; measured peak {:.0f} ({:.2f} of the bound)\n",
              memory["runtime_mb"].get<double>(), memory["policy_weights_mb"].get<double>(),
              memory["reference_weights_mb"].get<double>(), memory["gradients_mb"].get<double>(),
-             memory["adamw_state_mb"].get<double>(), memory["bf16_weight_copies_mb"].get<double>(),
+             memory["adamw_state_mb"].get<double>(), memory["decode_weight_copies_mb"].get<double>(),
              memory["activations_one_minibatch_mb"].get<double>(), memory["kv_cache_mb"].get<double>(),
              memory["rollout_buffers_mb"].get<double>(), memory["bound_mb"].get<double>(), phase_peak_mb,
              phase_peak_mb / memory["bound_mb"].get<double>());
@@ -412,6 +418,7 @@ int main(int argc, char** argv) {
       {"implementation", "rlhf"},
       {"shape", a.shape},
       {"precision", a.precision},
+      {"default_precision", rlhf::to_string(rlhf::resolve_precision(rlhf::Precision::automatic, device))},
       {"device", device.str()},
       {"threads", runtime.threads},
       {"decode_isa", rlhf::bench::decode_isa_name(rlhf::decode_isa())},

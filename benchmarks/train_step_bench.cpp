@@ -1,6 +1,6 @@
-// One PPO learning step (forward, loss, backward, AdamW as the trainers run them: rlhf::policy_token_stats,
-// rlhf::GroupedAdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and the same for a LoRA policy: seconds
-// per step and achieved TFLOP/s of the matmuls.
+// One PPO learning step (forward, loss, backward, AdamW as PPOTrainer runs them: rlhf::projected_token_stats with
+// the sparse embedding gradient, rlhf::GroupedAdamW) on GPT-2-small shapes in fp32 and under bf16 autocast, and the
+// same for a LoRA policy: seconds per step and achieved TFLOP/s of the matmuls.
 //
 //   train_step_bench [--batch 8] [--seq 66] [--gen 50] [--layers 12 --width 768 --heads 12 --vocab 50257]
 //                    [--warmup 3] [--steps 5] [--threads N] [--no-lora] [--precision fp32 --precision bf16]
@@ -23,7 +23,7 @@ struct StepArgs {
 };
 
 /// Mean seconds of a training step: forward of the policy, PPO-style loss over the last `gen` positions (log-prob of
-/// the token and entropy over the full vocabulary through policy_token_stats, value loss), backward, AdamW step.
+/// the token and entropy over the full vocabulary through projected_token_stats, value loss), backward, AdamW step.
 template <class Policy>
 double step_seconds(Policy& policy, rlhf::Precision precision, const StepArgs& a) {
   policy->eval();  // PPOTrainer's default: no dropout in the learning forwards
@@ -37,9 +37,12 @@ double step_seconds(Policy& policy, rlhf::Precision precision, const StepArgs& a
     torch::Tensor loss;
     {
       rlhf::AutocastScope autocast(precision, torch::kCPU);
+      rlhf::SparseEmbeddingGrad sparse_embedding(*policy->base);  // as PPOTrainer: the lookup's gradient added in place
       auto hidden = policy->forward(ids).narrow(1, a.seq - a.gen - 1, a.gen);  // [B, G, D]
-      // The trainers' loss path: log p(token) and the entropy in one pass over the vocabulary per row.
-      auto stats = rlhf::policy_token_stats(policy->base->logits(hidden), ids.narrow(1, a.seq - a.gen, a.gen));
+      // PPOTrainer's loss path: log p(token) and the entropy in one pass over the vocabulary per row, the logits
+      // made, kept and turned into their gradient by one node (projected_token_stats).
+      auto weight = policy->base->fusable_output_weight();
+      auto stats = rlhf::projected_token_stats(hidden, weight, ids.narrow(1, a.seq - a.gen, a.gen), 1.0);
       auto values = policy->values(hidden);
       loss = -rlhf::masked_mean(stats.logprobs, mask) - 1e-3 * rlhf::masked_mean(stats.entropy, mask) +
              rlhf::masked_mean(values.pow(2), mask);

@@ -390,7 +390,7 @@ TEST_CASE("config: enums by name, aliases accepted, unknown names list the valid
   CHECK(written.at("kl_placement") == json("reward"));
   CHECK(written.at("kl_estimator") == json("k3"));
   CHECK_THROWS_WITH_AS(bind_config(json{{"precision", "fp16"}}, ppo, "run.toml", "ppo"),
-                       "run.toml: key 'ppo.precision': 'fp16' is not one of fp32, bf16", Error);
+                       "run.toml: key 'ppo.precision': 'fp16' is not one of fp32, bf16, auto", Error);
   CHECK_THROWS_WITH_AS(bind_config(json{{"kl_estimator", 1}}, ppo, "run.toml", "ppo"),
                        "run.toml: key 'ppo.kl_estimator': expected one of k1, k2, k3, got integer 1", Error);
 }
@@ -502,7 +502,7 @@ TEST_CASE("config: a non-default PPOConfig round-trips through to_json_config, a
 
   // The defaults are written too, and unset optionals as null, which bind back to unset.
   CHECK(defaults.at("reward_clip").is_null());
-  CHECK(defaults.at("precision") == json("fp32"));
+  CHECK(defaults.at("precision") == json("auto"));
   bind_config(defaults, y, "defaults.json");
   CHECK_FALSE(y.reward_clip.has_value());
   CHECK(to_json_config(y) == defaults);
@@ -521,8 +521,8 @@ TEST_CASE("config: describe_fields documents every key with type, default and de
   CHECK(find("prefix").default_value == "\"This is\"");
   CHECK(find("reward_clip").type == "optional<float64>");
   CHECK(find("reward_clip").default_value == "null");
-  CHECK(find("precision").type == "fp32 | bf16");
-  CHECK(find("precision").default_value == "\"fp32\"");
+  CHECK(find("precision").type == "fp32 | bf16 | auto");
+  CHECK(find("precision").default_value == "\"auto\"");
   CHECK(find("kl_placement").type == "reward | loss");
   CHECK(find("freeze.first_blocks") ==
         FieldInfo{"freeze.first_blocks", "int64", "0", "freeze blocks 0 .. first_blocks - 1, e.g. 6 of gpt2's 12"});

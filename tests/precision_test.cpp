@@ -1,6 +1,8 @@
 #include "test_util.hpp"
 
 #include <algorithm>
+#include <fstream>
+#include <string>
 
 #include <rlhf/rlhf.hpp>
 
@@ -35,7 +37,54 @@ TEST_CASE("precision: bf16 autocast forward agrees with fp32 and restores the st
     CHECK_FALSE(rlhf::autocast_enabled(torch::kCPU));
   }
   CHECK_THROWS_WITH_AS(rlhf::parse_precision("fp8", "PPOConfig.precision"),
-                       "PPOConfig.precision: 'fp8' is not a precision (expected fp32 or bf16)", rlhf::Error);
+                       "PPOConfig.precision: 'fp8' is not a precision (expected fp32, bf16 or auto)", rlhf::Error);
+}
+
+TEST_CASE("precision: auto, the trainers' default, is bf16 where the device computes bf16 natively") {
+  CHECK(rlhf::PPOConfig{}.precision == rlhf::Precision::automatic);
+  CHECK(rlhf::LMTrainConfig{}.precision == rlhf::Precision::automatic);
+  CHECK(rlhf::RewardTrainConfig{}.precision == rlhf::Precision::automatic);
+  CHECK(rlhf::LearnedRewardOptions{}.precision == rlhf::Precision::automatic);
+  CHECK(rlhf::parse_precision("auto") == rlhf::Precision::automatic);
+  CHECK(rlhf::to_string(rlhf::Precision::automatic) == "auto");
+  // By device (tests/main.cpp pins auto to fp32 for the suite: unpinned here, pinned again at the end).
+  rlhf::set_automatic_precision(rlhf::Precision::automatic);
+  // The kernel's view of the CPU: the avx512_bf16 flag of /proc/cpuinfo, where there is one.
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  bool flags_seen = false, avx512_bf16 = false;
+  while (std::getline(cpuinfo, line))
+    if (line.rfind("flags", 0) == 0) {
+      flags_seen = true;
+      avx512_bf16 = line.find(" avx512_bf16") != std::string::npos;
+      break;
+    }
+  if (flags_seen) CHECK(rlhf::native_bf16(torch::kCPU) == avx512_bf16);
+  const auto cpu = rlhf::resolve_precision(rlhf::Precision::automatic, torch::kCPU);
+  CHECK(cpu == (rlhf::native_bf16(torch::kCPU) ? rlhf::Precision::bf16 : rlhf::Precision::fp32));
+  {
+    rlhf::AutocastScope scope(rlhf::Precision::automatic, torch::kCPU);
+    CHECK(rlhf::autocast_enabled(torch::kCPU) == (cpu == rlhf::Precision::bf16));
+  }
+  CHECK_FALSE(rlhf::autocast_enabled(torch::kCPU));
+  // fp32 and bf16 resolve to themselves, pinned or not.
+  for (auto pin : {rlhf::Precision::automatic, rlhf::Precision::bf16, rlhf::Precision::fp32}) {
+    rlhf::set_automatic_precision(pin);
+    CHECK(rlhf::resolve_precision(rlhf::Precision::fp32, torch::kCPU) == rlhf::Precision::fp32);
+    CHECK(rlhf::resolve_precision(rlhf::Precision::bf16, torch::kCPU) == rlhf::Precision::bf16);
+    if (pin != rlhf::Precision::automatic)
+      CHECK(rlhf::resolve_precision(rlhf::Precision::automatic, torch::kCPU) == pin);
+  }
+  rlhf::set_automatic_precision(rlhf::Precision::bf16);
+  {
+    rlhf::AutocastScope scope(rlhf::Precision::automatic, torch::kCPU);
+    CHECK(rlhf::autocast_enabled(torch::kCPU));
+  }
+  rlhf::set_automatic_precision(rlhf::Precision::fp32);  // the suite's pin
+  {
+    rlhf::AutocastScope scope(rlhf::Precision::automatic, torch::kCPU);
+    CHECK_FALSE(rlhf::autocast_enabled(torch::kCPU));
+  }
 }
 
 TEST_CASE("precision: PPO in bf16 learns the token-count task like fp32") {

@@ -49,7 +49,7 @@ void train(const std::string& model_dir, const rlhf::PPOConfig& config, int64_t 
 
 int main(int argc, char** argv) {
   CLI::App app{"PPO on a small GPT-2: reward = number of '.' in the sample"};
-  std::string model_dir, precision = "fp32";
+  std::string model_dir, precision = "auto";
   int64_t phases = 100;
   int threads = 0;
   bool lora = false;
@@ -66,7 +66,9 @@ int main(int argc, char** argv) {
   app.add_option("--top-k", config.top_k)->capture_default_str();
   app.add_option("--seed", config.seed)->capture_default_str();
   app.add_flag("--lora", lora, "train rank-8 LoRA adapters on attention and MLP instead of the whole model");
-  app.add_option("--precision", precision, "fp32 or bf16 (bf16 autocast, fp32 weights and optimiser)")
+  app.add_option("--precision", precision,
+                 "fp32, bf16 (bf16 autocast, fp32 weights and optimiser) or auto (bf16 where the CPU or GPU "
+                 "computes bf16 natively)")
       ->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores");
   CLI11_PARSE(app, argc, argv);

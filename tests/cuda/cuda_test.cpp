@@ -13,6 +13,10 @@
 
 namespace {
 
+// As in tests/main.cpp: configs left at auto run in fp32, on the GPU and in the CPU computation it is checked against.
+[[maybe_unused]] const bool pinned_automatic_precision =
+    (rlhf::set_automatic_precision(rlhf::Precision::fp32), true);
+
 const torch::Device kGpu(torch::kCUDA, 0);
 
 void require_gpu() { REQUIRE_MESSAGE(torch::cuda::is_available(), "rlhf_cuda_tests needs a CUDA device"); }

@@ -22,12 +22,12 @@ namespace rlhf {
 
 // ---- enums ----
 
-/// Names of Precision in config files: "fp32" and "bf16" (what to_string(Precision) writes), and the aliases
-/// "float32" and "bfloat16" that parse_precision() also accepts.
+/// Names of Precision in config files: "fp32", "bf16" and "auto" (what to_string(Precision) writes), and the
+/// aliases "float32" and "bfloat16" that parse_precision() also accepts.
 constexpr auto enum_names(Precision) {
   using Name = std::pair<std::string_view, Precision>;
-  return std::array{Name{"fp32", Precision::fp32}, Name{"bf16", Precision::bf16}, Name{"float32", Precision::fp32},
-                    Name{"bfloat16", Precision::bf16}};
+  return std::array{Name{"fp32", Precision::fp32}, Name{"bf16", Precision::bf16}, Name{"auto", Precision::automatic},
+                    Name{"float32", Precision::fp32}, Name{"bfloat16", Precision::bf16}};
 }
 
 /// Names of KLPlacement in config files: "reward" and "loss".
@@ -93,7 +93,8 @@ void visit_fields(PPOConfig& c, V&& v) {
   v("kl_estimator", c.kl_estimator, "per-token KL estimator (reward placement and statistics)");
   v("target_kl", c.target_kl, "stop the phase's epochs once approx KL exceeds 1.5 x this; unset = off");
   v("train_dropout", c.train_dropout, "keep dropout on in learning forwards (always off in rollouts)");
-  v("precision", c.precision, "bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses)");
+  v("precision", c.precision, "bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses); auto: bf16 "
+                              "where the device computes bf16 products natively, else fp32");
   v("reference_bf16", c.reference_bf16, "store the frozen reference copy in bf16 (full fine-tuning only)");
   v("recompute_old_logprobs", c.recompute_old_logprobs,
     "a second policy forward after sampling for old log-probs and values; false = the sampling's own");

@@ -98,7 +98,7 @@ void visit_fields(LMTrainConfig& c, V&& v) {
   v("max_grad_norm", c.max_grad_norm, "gradient-norm clip (0 = off)");
   v("layer_lr_decay", c.layer_lr_decay, "per-layer learning-rate decay (1 = one rate)");
   v("freeze", c.freeze);
-  v("precision", c.precision, "fp32 or bf16 (autocast)");
+  v("precision", c.precision, "fp32, bf16 (autocast) or auto (bf16 where native)");
   v("train_dropout", c.train_dropout, "dropout on in training steps");
   v("loss_chunk_rows", c.loss_chunk_rows, "target rows per logits chunk (0 = all at once)");
 }
@@ -115,7 +115,7 @@ void visit_fields(RewardTrainConfig& c, V&& v) {
   v("max_grad_norm", c.max_grad_norm, "gradient-norm clip (0 = off)");
   v("layer_lr_decay", c.layer_lr_decay, "per-layer learning-rate decay (1 = one rate)");
   v("freeze", c.freeze);
-  v("precision", c.precision, "fp32 or bf16 (autocast)");
+  v("precision", c.precision, "fp32, bf16 (autocast) or auto (bf16 where native)");
   v("train_dropout", c.train_dropout, "dropout on in training steps");
 }
 

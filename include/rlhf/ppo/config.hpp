@@ -57,7 +57,8 @@ struct PPOConfig {
   KLEstimator kl_estimator = KLEstimator::k1;    ///< per-token estimator (reward placement and statistics)
   std::optional<double> target_kl;        ///< stop the phase's epochs once approx KL exceeds 1.5 x this
   bool train_dropout = false;             ///< keep dropout on in learning forwards (off in rollouts always)
-  Precision precision = Precision::fp32;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser, losses)
+  Precision precision = Precision::automatic;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser,
+                                              ///< losses); auto: bf16 where the device computes bf16 natively
   bool reference_bf16 = false;            ///< store the frozen reference copy in bf16 (half its memory; full
                                           ///< fine-tuning only: an adapter policy has no copy)
   bool recompute_old_logprobs = false;    ///< run a second no-grad forward of the policy after sampling for the

@@ -127,7 +127,7 @@ class RewardModelImpl : public torch::nn::Module {
   /// in eval mode (restoring the training flag) under `precision`. Needs at least two rows in all; returns
   /// {mean, std} of the raw scores.
   std::pair<double, double> normalise_on(const std::vector<std::pair<torch::Tensor, torch::Tensor>>& batches,
-                                         Precision precision = Precision::fp32) {
+                                         Precision precision = Precision::automatic) {
     std::vector<torch::Tensor> scores;
     {
       torch::NoGradGuard no_grad;
@@ -153,7 +153,7 @@ class RewardModelImpl : public torch::nn::Module {
 
   /// As above for one reference batch.
   std::pair<double, double> normalise_on(const torch::Tensor& ids, const torch::Tensor& mask,
-                                         Precision precision = Precision::fp32) {
+                                         Precision precision = Precision::automatic) {
     return normalise_on({{ids, mask}}, precision);
   }
 
@@ -343,7 +343,7 @@ inline BatchEncoding encode_for_reward(const GPT2Tokenizer& tokenizer, const std
 
 /// How LearnedReward scores.
 struct LearnedRewardOptions {
-  Precision precision = Precision::fp32;  ///< forwards under bf16 autocast when bf16
+  Precision precision = Precision::automatic;  ///< forwards under bf16 autocast when bf16 (auto: where native)
   bool normalised = true;                 ///< forward() (normalised) scores; false = raw()
   int64_t chunk_rows = 0;                 ///< rows per forward, e.g. 16; 0 = the whole rollout at once
 };

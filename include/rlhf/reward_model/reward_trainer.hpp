@@ -80,7 +80,8 @@ struct RewardTrainConfig {
   double max_grad_norm = 1.0;             ///< global gradient-norm clip; 0 = off
   double layer_lr_decay = 1.0;            ///< block i learns at lr x decay^(n_layer - i); 1 = one rate
   FreezeOptions freeze;                   ///< embeddings / first blocks of the transformer kept frozen
-  Precision precision = Precision::fp32;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser, loss)
+  Precision precision = Precision::automatic;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser,
+                                              ///< loss); auto: bf16 where the device computes bf16 natively
   bool train_dropout = false;             ///< dropout on in training forwards (the model's pdrop values)
 
   /// Throws rlhf::Error naming the field when a value is out of range.

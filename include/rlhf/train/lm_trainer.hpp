@@ -55,7 +55,8 @@ struct LMTrainConfig {
   double layer_lr_decay = 1.0;        ///< block i learns at lr x decay^(n_layer - i), embeddings at
                                       ///< lr x decay^(n_layer + 1), e.g. 0.8; 1 = one rate for the whole model
   FreezeOptions freeze;               ///< parts of the base model kept frozen, e.g. {.embeddings = true}
-  Precision precision = Precision::fp32;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser, loss)
+  Precision precision = Precision::automatic;  ///< bf16: forwards under bf16 autocast (fp32 weights, optimiser,
+                                              ///< loss); auto: bf16 where the device computes bf16 natively
   bool train_dropout = true;          ///< dropout on in training steps (the model's *_pdrop); off in evaluate()
   int64_t loss_chunk_rows = 0;        ///< 0: logits of all target positions at once ([N, V] fp32); n > 0: n target
                                       ///< rows at a time, recomputed in the backward pass (token_stats_chunked), so
