@@ -364,9 +364,9 @@ inline void tile_strips(int64_t m, int64_t c0, int64_t c1, const Strip& strip) {
 /// with `panels` as pack_fp32_panels() lays it out. In place, a strip's last tile prefetches the next strip into L2
 /// (its rows lie a row of w apart, too far for the hardware prefetchers); a panel is one contiguous block, which
 /// the hardware prefetchers stream on their own, and tiles of 4 or more rows (whose loads the FMAs space out)
-/// fetch 16 rows ahead into L1. Zen 5, GPT-2 small's 48 layer products, fp32, ms in place -> in panels (3 runs):
-/// 1 row 8.0-8.9 -> 4.6-4.8 (no prefetch; with it 5.1-5.3), 8 rows 8.9-10.1 -> 6.0-6.8 (without it 5.8-7.1),
-/// 16 rows 12.1-14.5 -> 9.0-9.4 (without it 10.1-10.4).
+/// fetch 16 rows ahead into L1 (at one row it cost 10-20%, at 16 rows it saved 10%). Zen 5, GPT-2 small's 48 layer
+/// products in fp32, ms in place -> in panels: 1 row 7.3-8.9 -> 4.6-6.8, 8 rows 8.8-10.1 -> 5.7-6.9, 16 rows
+/// 12.0-14.5 -> 9.0-10.0 (docs/performance.md).
 struct AddmmStrips512 {
   const float* x;
   int64_t k;
