@@ -47,7 +47,11 @@ TEST_CASE("precision: auto, the trainers' default, is bf16 where the device comp
   CHECK(rlhf::LearnedRewardOptions{}.precision == rlhf::Precision::automatic);
   CHECK(rlhf::parse_precision("auto") == rlhf::Precision::automatic);
   CHECK(rlhf::to_string(rlhf::Precision::automatic) == "auto");
-  // By device (tests/main.cpp pins auto to fp32 for the suite: unpinned here, pinned again at the end).
+  // By device (tests/main.cpp pins auto to fp32 for the suite: unpinned here, pinned again on every way out, a
+  // throw included, so later cases keep their fp32 numbers).
+  struct RestoreSuitePin {
+    ~RestoreSuitePin() { rlhf::set_automatic_precision(rlhf::Precision::fp32); }
+  } restore_suite_pin;
   rlhf::set_automatic_precision(rlhf::Precision::automatic);
   // The kernel's view of the CPU: the avx512_bf16 flag of /proc/cpuinfo, where there is one.
   std::ifstream cpuinfo("/proc/cpuinfo");
