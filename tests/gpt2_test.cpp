@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include <rlhf/model/gpt2.hpp>
 
@@ -721,8 +722,8 @@ TEST_CASE("bf16 decode kernels round torch's bf16 products") {
           REQUIRE(y_nt.defined());
           CHECK(bf16_rounding_of(y_nt, torch::mm(bf16_exact(x), bf16_exact(e).t())));
         }
-        // each weight packed once, in panels of 48 columns and pairs of k: w and e^T
-        packed_bytes += 2 * ((n + 47) / 48) * ((k + 1) / 2) * 48 * 2 * 2;
+        // each weight packed once, in panels of 48 columns and pairs of k: w and e^T; the bias rounded once (fp32)
+        packed_bytes += 2 * ((n + 47) / 48) * ((k + 1) / 2) * 48 * 2 * 2 + n * 4;
         CHECK(packs.bytes() == packed_bytes);
       }
     }
@@ -816,13 +817,25 @@ TEST_CASE("pack_bf16_pairs: bf16 pairs along k in 48-column panels, from [K, N] 
   for (auto [k, n] : shapes) {
     CAPTURE(k);
     CAPTURE(n);
-    const auto w = torch::randn({k, n});
+    auto w = torch::randn({k, n});
+    // Values torch's rounding treats specially: ties (to even), a subnormal, infinities, a NaN.
+    const float specials[] = {1.00390625f, 1.01171875f, -3e-39f, std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+    for (int64_t i = 0; i < std::min<int64_t>(k * n, 6); ++i) w.view(-1)[(i * 7919) % (k * n)] = specials[i];
     const int64_t kp = (k + 1) / 2, panels = (n + 47) / 48;
     auto padded = torch::zeros({2 * kp, panels * 48}, torch::kBFloat16);
     padded.narrow(0, 0, k).narrow(1, 0, n).copy_(w.to(torch::kBFloat16));
     const auto expected = padded.view({kp, 2, panels, 48}).permute({2, 0, 3, 1}).contiguous();  // [panel, i, c, 2]
-    CHECK(torch::equal(rlhf::pack_bf16_pairs(w, /*transposed=*/false), expected));
-    CHECK(torch::equal(rlhf::pack_bf16_pairs(w.t().contiguous(), /*transposed=*/true), expected));
+    // Bit for bit, but for a NaN's bits: a NaN only (torch's vectorised cast gives 0xFFFF, its scalar one 0x7FC0).
+    auto same = [](const torch::Tensor& a, const torch::Tensor& b) {
+      const auto nan_a = a.isnan(), nan_b = b.isnan();
+      return torch::equal(nan_a, nan_b) &&
+             torch::equal(a.view(torch::kShort).masked_fill(nan_a, 0), b.view(torch::kShort).masked_fill(nan_b, 0));
+    };
+    CHECK(same(rlhf::pack_bf16_pairs(w, /*transposed=*/false), expected));
+    CHECK(same(rlhf::pack_bf16_pairs(w.t().contiguous(), /*transposed=*/true), expected));
+    // A bf16 weight: packed as it is.
+    CHECK(same(rlhf::pack_bf16_pairs(w.to(torch::kBFloat16), false), expected));
   }
 }
 
@@ -906,6 +919,28 @@ TEST_CASE("fused decode attention equals torch's operators") {
   rlhf::set_decode_kernels(false);
   CHECK_FALSE(rlhf::decode_attention(q, k, k, bias, scale).defined());
   rlhf::set_decode_kernels(true);
+}
+
+TEST_CASE("column_sums: the fp32 column sums of fp32 and bf16 matrices, as torch's sum over rows") {
+  torch::manual_seed(17);
+  // Widths past the 128-column blocks and 16-wide vectors, split over threads or not; one row; no rows.
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1}, {5, 17}, {528, 768}, {33, 3072}, {64, 300},
+                                                           {0, 40}};
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16})
+    for (auto [m, n] : shapes) {
+      CAPTURE(m);
+      CAPTURE(n);
+      const auto x = torch::randn({m, n}).to(dtype);
+      const auto sums = rlhf::detail::column_sums(x);
+      REQUIRE((sums.scalar_type() == torch::kFloat));
+      REQUIRE((sums.sizes() == torch::IntArrayRef{n}));
+      const auto exact = x.to(torch::kDouble).sum(0);
+      // fp32 sums of m values of size ~1: within m ulps of 1, whatever the order
+      CHECK((sums.to(torch::kDouble) - exact).abs().max().item<double>() <= 1e-6 * std::max<int64_t>(m, 1));
+    }
+  // A strided matrix takes torch's reduction.
+  const auto x = torch::randn({40, 64});
+  CHECK(torch::allclose(rlhf::detail::column_sums(x.t()), x.t().sum(0)));
 }
 
 TEST_CASE("GELU kernels: fp32 near the exact values and bf16 their rounding, forward and backward") {

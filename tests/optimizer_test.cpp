@@ -1,8 +1,10 @@
 #include "test_util.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -168,6 +170,48 @@ TEST_CASE("GroupedAdamW: the fused step equals torch::optim::AdamW's step") {
   CHECK(state_of(fused.optimizer(), params[1].back()) == nullptr);
   CHECK(!torch::equal(params[0].back(), zero_grad_before));
   CHECK(state_of(fused.optimizer(), params[0].back())->step() == 6);
+}
+
+TEST_CASE("GroupedAdamW: clip_grad_norm gives clip_grad_norm_'s norm and factor, applied now or in the step") {
+  auto params = make_parameters();  // every layout: fused and torch's paths, several chunks, no gradient, zero one
+  auto eager_params = copy_parameters(params), torch_params = copy_parameters(params);
+  const std::vector<double> lrs = {3e-3, 1e-2};
+  auto deferred = grouped_adamw(params, lrs), eager = grouped_adamw(eager_params, lrs);
+  for (int64_t step = 0; step < 3; ++step) {
+    CAPTURE(step);
+    set_gradients({&params, &eager_params, &torch_params}, step);
+    std::vector<torch::Tensor> all, with_grad;
+    for (const auto& group : torch_params)
+      for (const auto& p : group) {
+        all.push_back(p);
+        if (p.grad().defined()) with_grad.push_back(p);
+      }
+    const double max_norm = step == 2 ? 1e6 : 2.0;  // the last step does not clip
+    const double expected = torch::nn::utils::clip_grad_norm_(all, max_norm);
+    REQUIRE(expected > 10);  // random gradients of ~95k values: the first steps clip
+    const double norm = deferred.clip_grad_norm(max_norm, /*defer_scale=*/true);
+    CHECK(norm == doctest::Approx(expected).epsilon(1e-6));
+    CHECK(eager.clip_grad_norm(max_norm) == norm);
+    // Eager: the gradients are torch's clipped ones (the factor from a norm equal up to fp32 summation order).
+    for (size_t g = 0; g < params.size(); ++g)
+      for (size_t i = 0; i < params[g].size(); ++i) {
+        CAPTURE(g);
+        CAPTURE(i);
+        const auto& grad = eager_params[g][i].grad();
+        REQUIRE(grad.defined() == torch_params[g][i].grad().defined());
+        if (!grad.defined()) continue;
+        CHECK(relative_difference(grad, torch_params[g][i].grad()) <= 1e-6);
+        // Deferred: the gradients untouched until the step, so unlike the clipped ones (but a zero gradient).
+        if (step < 2 && grad.abs().max().item<double>() > 0) CHECK(!torch::equal(params[g][i].grad(), grad));
+      }
+    deferred.step();
+    eager.step();
+    for (size_t g = 0; g < params.size(); ++g)
+      for (size_t i = 0; i < params[g].size(); ++i) CHECK(torch::equal(params[g][i], eager_params[g][i]));
+  }
+  // A NaN gradient gives a NaN norm.
+  params[0][0].mutable_grad() = torch::full_like(params[0][0], std::numeric_limits<float>::quiet_NaN());
+  CHECK(std::isnan(deferred.clip_grad_norm(1.0, true)));
 }
 
 TEST_CASE("GroupedAdamW: zero_grad drops the gradients, and a parameter without a new one is not stepped") {

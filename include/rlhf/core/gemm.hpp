@@ -43,6 +43,7 @@
 #include <torch/torch.h>
 
 #include <rlhf/core/precision.hpp>
+#include <rlhf/core/simd512.hpp>
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
 
@@ -545,7 +546,7 @@ struct GemmAddmmFunction : torch::autograd::Function<GemmAddmmFunction> {
     const auto &x = saved[0], &w = saved[1], &dy = grads[0];
     const bool kernels = !torch::GradMode::is_enabled() && gemm_applies({&dy});
     torch::Tensor dbias, dx, dw;
-    if (ctx->needs_input_grad(0)) dbias = dy.sum(0);
+    if (ctx->needs_input_grad(0)) dbias = kernels ? column_sums(dy).to(dy.scalar_type()) : dy.sum(0);
     if (ctx->needs_input_grad(1)) dx = kernels ? gemm_addmm({}, dy, w.t()) : torch::mm(dy, w.t());
     if (ctx->needs_input_grad(2)) dw = kernels ? gemm_addmm({}, x.t(), dy) : torch::mm(x.t(), dy);
     return {dbias, dx, dw};
@@ -617,7 +618,8 @@ struct GemmBf16AddmmFunction : torch::autograd::Function<GemmBf16AddmmFunction> 
     const auto bias_dtype = static_cast<torch::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
     const bool kernels = !torch::GradMode::is_enabled() && gemm_bf16_supported({&dy});
     torch::Tensor dbias, dx, dw;
-    if (ctx->needs_input_grad(0)) dbias = dy.sum(0, false, torch::kFloat).to(bias_dtype);
+    if (ctx->needs_input_grad(0))
+      dbias = (kernels ? column_sums(dy) : dy.sum(0, false, torch::kFloat)).to(bias_dtype);
     if (ctx->needs_input_grad(1))
       dx = kernels ? gemm_bf16_addmm({}, dy, w.t(), x_dtype)
                    : torch::mm(dy.to(torch::kFloat), w.t().to(torch::kFloat)).to(x_dtype);

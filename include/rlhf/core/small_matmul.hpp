@@ -539,6 +539,76 @@ __attribute__((target("avx512f,avx512bw"))) inline void interleave_bf16x16(const
   _mm512_storeu_si512(pairs, _mm512_maskz_permutex2var_epi16(0xFFFFFFFF, av, order, bv));
 }
 
+/// 16 floats rounded to bf16 as torch rounds them (to nearest even, NaN to 0x7FC0, subnormals kept), each in the
+/// low half of a 32-bit lane (the high half zero).
+__attribute__((target("avx512f,avx512bw"))) inline __m512i round_bf16_lanes(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_maskz_srli_epi32(0xFFFF, _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+/// Columns [c0, c0 + cols) of a panel of pack_bf16_pairs(w, false) for fp32 `w` [k, n] (row-major), written straight
+/// from fp32: pair i of column c is (w[2i, c], w[2i + 1, c]) rounded to bf16, a zero second half past k. `panel`
+/// points at the panel's pair (0, 0), `width` pairs per panel row; columns past `cols` are left untouched.
+__attribute__((target("avx512f,avx512bw"))) inline void pack_pairs_from_fp32(const float* w, int64_t k, int64_t n,
+                                                                            int64_t c0, int64_t cols,
+                                                                            uint32_t* panel, int64_t width) {
+  for (int64_t kk = 0; kk < k; kk += 2)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 mask = lanes_below(std::min<int64_t>(16, cols - c));
+      const float* top = w + kk * n + c0 + c;
+      const __m512i lo = round_bf16_lanes(_mm512_maskz_loadu_ps(mask, top));
+      const __m512i hi = kk + 1 < k ? round_bf16_lanes(_mm512_maskz_loadu_ps(mask, top + n)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(panel + kk / 2 * width + c, mask,
+                               _mm512_or_si512(lo, _mm512_maskz_slli_epi32(0xFFFF, hi, 16)));
+    }
+}
+
+/// Rows [r0, r0 + rows) of fp32 `w` [n, k] (row-major) as a panel of pack_bf16_pairs(w, true): pair i of panel
+/// column c is (w[r0 + c, 2i], w[r0 + c, 2i + 1]) rounded to bf16 (zero past k), for pairs [0, kp), kp = ceil(k / 2).
+/// 16 rows x 16 pairs at a time: each row's 32 floats rounded into one vector of 16 pairs, the block transposed in
+/// registers. `panel` points at the panel's pair (0, 0), `width` pairs per panel row; columns past `rows` are left
+/// untouched.
+__attribute__((target("avx512f,avx512bw"))) inline void pack_pairs_from_fp32_rows(const float* w, int64_t n,
+                                                                                 int64_t k, int64_t r0,
+                                                                                 int64_t rows, uint32_t* panel,
+                                                                                 int64_t width) {
+  (void)n;
+  const int64_t kp = (k + 1) / 2;
+  alignas(64) uint32_t block[16 * 16], out[16 * 16];
+  // The low 16-bit half of each 32-bit lane of two vectors, in order: lanes 0-31 index the first, 32-63 the second.
+  const __m512i low_halves = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28,
+                                              26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  for (int64_t c = 0; c < rows; c += 16) {
+    const int64_t block_rows = std::min<int64_t>(16, rows - c);
+    for (int64_t i = 0; i < kp; i += 16) {
+      const int64_t pairs = std::min<int64_t>(16, kp - i), floats = std::min<int64_t>(32, k - 2 * i);
+      const __mmask16 first = lanes_below(std::min<int64_t>(16, floats));
+      const __mmask16 second = floats > 16 ? lanes_below(floats - 16) : __mmask16(0);
+      for (int64_t r = 0; r < 16; ++r) {
+        __m512i words = _mm512_setzero_si512();
+        if (r < block_rows) {
+          const float* row = w + (r0 + c + r) * k + 2 * i;
+          const __m512i lo = round_bf16_lanes(_mm512_maskz_loadu_ps(first, row));
+          const __m512i hi = round_bf16_lanes(_mm512_maskz_loadu_ps(second, row + 16));
+          words = _mm512_maskz_permutex2var_epi16(0xFFFFFFFF, lo, low_halves, hi);
+        }
+        _mm512_store_si512(block + 16 * r, words);
+      }
+      uint32_t* dst = panel + i * width + c;
+      if (pairs == 16 && block_rows == 16) {
+        transpose16x16(block, 16, dst, width);
+        continue;
+      }
+      transpose16x16(block, 16, out, 16);  // a tail: only the pairs and columns that exist
+      for (int64_t q = 0; q < pairs; ++q)
+        for (int64_t r = 0; r < block_rows; ++r) dst[q * width + r] = out[q * 16 + r];
+    }
+  }
+}
+
 /// y [m, n] = bf16(bias + x [m, k] w [k, n]) for the columns tile_strips() hands out; x as bf16 pairs [m, kp], w
 /// packed by pack_bf16_pairs().
 struct Bf16Strips {
@@ -609,15 +679,36 @@ inline torch::Tensor pack_fp32_panels(const torch::Tensor& w) {
 inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
   if (w.dim() != 2) detail::fail("pack_bf16_pairs: expected a matrix, got a tensor of {} dimensions", w.dim());
   constexpr int64_t width = detail::kDecodePanel;
-  auto w16 = w.to(torch::kBFloat16).contiguous();
   const int64_t k = w.size(transposed ? 1 : 0), n = w.size(transposed ? 0 : 1), kp = (k + 1) / 2;
   const int64_t panels = (n + width - 1) / width;
-  auto out = torch::zeros({panels, kp, width, 2}, w16.options());  // bf16 zero: all bits clear
+  const auto options = torch::TensorOptions().dtype(torch::kBFloat16);
+  // With AVX-512 BW an fp32 weight is rounded and packed in one pass (no bf16 copy of it first, no zero fill but the
+  // last panel's columns past n); otherwise the full 16 x 16 blocks (transposed: of bf16 pairs as 32-bit words,
+  // k even) and 16-column runs of row pairs of the bf16 weight are moved in registers, the rest one value at a time.
+  const bool vector = detail::cpu_decode_isa() >= DecodeIsa::avx512_bf16;
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (vector && w.scalar_type() == torch::kFloat && w.is_contiguous() && w.device().is_cpu()) {
+    auto out = torch::empty({panels, kp, width, 2}, options);
+    if (n % width) out[panels - 1].zero_();
+    const float* src = w.data_ptr<float>();
+    auto* dst = static_cast<uint32_t*>(out.data_ptr());
+    detail::omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
+      const auto [p0, p1] = detail::thread_share(panels, 1, thread, threads);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c1 = std::min(width, n - p * width);
+        if (transposed)
+          detail::pack_pairs_from_fp32_rows(src, n, k, p * width, c1, dst + p * kp * width, width);
+        else
+          detail::pack_pairs_from_fp32(src, k, n, p * width, c1, dst + p * kp * width, width);
+      }
+    });
+    return out;
+  }
+#endif
+  auto out = torch::zeros({panels, kp, width, 2}, options);  // bf16 zero: all bits clear
+  auto w16 = w.to(torch::kBFloat16).contiguous();
   const auto* src = static_cast<const uint16_t*>(w16.data_ptr());
   auto* dst = static_cast<uint16_t*>(out.data_ptr());
-  // With AVX-512 BW the full 16 x 16 blocks (transposed: of bf16 pairs as 32-bit words, k even) and 16-column runs
-  // of row pairs are moved in registers; the rest one value at a time.
-  const bool vector = detail::cpu_decode_isa() >= DecodeIsa::avx512_bf16;
   detail::omp_parallel(at::get_num_threads(), [&](int thread, int threads) {
     const auto [p0, p1] = detail::thread_share(panels, 1, thread, threads);
     for (int64_t p = p0; p < p1; ++p) {
@@ -683,6 +774,10 @@ class DecodePackScope {
   /// `w` packed by pack_fp32_panels(w), made on first use.
   const torch::Tensor& panels(const torch::Tensor& w) { return packed(w, Layout::fp32_panels); }
 
+  /// `bias` rounded to bf16 and back to fp32 (contiguous), as torch's bf16 addmm adds it to the fp32 sums, made on
+  /// first use.
+  const torch::Tensor& rounded_bias(const torch::Tensor& bias) { return packed(bias, Layout::bf16_rounded); }
+
   /// Bytes of the packed weights held.
   int64_t bytes() const {
     int64_t total = 0;
@@ -691,7 +786,7 @@ class DecodePackScope {
   }
 
  private:
-  enum class Layout { bf16_pairs, bf16_pairs_transposed, fp32_panels };
+  enum class Layout { bf16_pairs, bf16_pairs_transposed, fp32_panels, bf16_rounded };
   struct Entry {
     torch::Tensor source;  // holds the weight, so its TensorImpl (the key) is not reused while the entry lives
     torch::Tensor packed;
@@ -702,11 +797,15 @@ class DecodePackScope {
     auto& entry = packs_[{w.unsafeGetTensorImpl(), layout}];
     const int64_t version = w.is_inference() ? 0 : static_cast<int64_t>(w._version());
     if (!entry.packed.defined() || entry.data != w.data_ptr() || entry.version != version)
-      entry = {w,
-               layout == Layout::fp32_panels ? pack_fp32_panels(w)
-                                             : pack_bf16_pairs(w, layout == Layout::bf16_pairs_transposed),
-               w.data_ptr(), version};
+      entry = {w, pack(w, layout), w.data_ptr(), version};
     return entry.packed;
+  }
+  static torch::Tensor pack(const torch::Tensor& w, Layout layout) {
+    switch (layout) {
+      case Layout::fp32_panels: return pack_fp32_panels(w);
+      case Layout::bf16_rounded: return w.to(torch::kBFloat16).to(torch::kFloat).contiguous();
+      default: return pack_bf16_pairs(w, layout == Layout::bf16_pairs_transposed);
+    }
   }
   static DecodePackScope*& current() {
     static thread_local DecodePackScope* scope = nullptr;
@@ -749,7 +848,7 @@ inline torch::Tensor small_rows_bf16(const torch::Tensor& bias, const torch::Ten
   if (x16.size(1) % 2) x16 = torch::constant_pad_nd(x16, {0, 1});  // [M, 2 kp]
   x16 = x16.contiguous();
   // torch casts the bias to bf16 too, and adds it to the fp32 sums
-  auto b = bias.defined() ? bias.to(torch::kBFloat16).to(torch::kFloat).contiguous() : torch::Tensor();
+  const auto b = bias.defined() ? DecodePackScope::active()->rounded_bias(bias) : torch::Tensor();
   auto y = torch::empty({m, n}, x.options().dtype(torch::kBFloat16));
   const Bf16Strips strips{bf16_pairs_data(x16), kp, bf16_pairs_data(pairs), n,
                           b.defined() ? b.data_ptr<float>() : nullptr, static_cast<uint16_t*>(y.data_ptr())};

@@ -389,7 +389,8 @@ class PPOTrainer {
         if (config_.kl_placement == KLPlacement::loss) sum_kl += terms.kl_term.item<double>();
         optimizer_.zero_grad();
         terms.loss.backward();
-        const double grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
+        const double grad_norm =
+            optimizer_.clip_grad_norm(config_.max_grad_norm, /*defer_scale=*/step_callbacks_.empty());
         step_callbacks_.gradients(grad_norm, config_.max_grad_norm);
         optimizer_.step();
         step_callbacks_.end();

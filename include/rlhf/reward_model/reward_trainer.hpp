@@ -179,7 +179,7 @@ class RewardTrainer {
     auto chosen = scores.narrow(0, 0, b), rejected = scores.narrow(0, b, b);
     auto loss = preference_loss(chosen, rejected);
     loss.backward();
-    stats.grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
+    stats.grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm, /*defer_scale=*/callbacks_.empty());
     callbacks_.gradients(stats.grad_norm, config_.max_grad_norm);
     optimizer_.step();
     callbacks_.end();

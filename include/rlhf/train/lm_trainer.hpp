@@ -200,7 +200,7 @@ class LMTrainer {
     });
     auto loss = target_nll(in).div(static_cast<double>(in.targets));  // [] fp32
     loss.backward();
-    stats.grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm);
+    stats.grad_norm = optimizer_.clip_grad_norm(config_.max_grad_norm, /*defer_scale=*/callbacks_.empty());
     callbacks_.gradients(stats.grad_norm, config_.max_grad_norm);
     optimizer_.step();
     callbacks_.end();

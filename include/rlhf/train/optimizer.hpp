@@ -30,6 +30,7 @@
 
 #include <rlhf/adapters/freeze.hpp>
 #include <rlhf/detail/error.hpp>
+#include <rlhf/train/step_callback.hpp>
 
 namespace rlhf {
 
@@ -65,6 +66,7 @@ struct FusedAdamWCoefficients {
   float bias2_sqrt = 1;       ///< sqrt(1 - b2^t)
   float eps = 1e-8f;          ///< added to the denominator
   float neg_step_size = 0;    ///< -lr / (1 - b1^t)
+  float grad_scale = 1;       ///< the gradient's factor, e.g. a clip factor deferred to the step (1: exact)
 
   /// The constants of step `t` (1-based, after the increment) with `options`.
   static FusedAdamWCoefficients at_step(const torch::optim::AdamWOptions& options, int64_t t) {
@@ -85,7 +87,7 @@ struct FusedAdamWCoefficients {
 };
 
 /// AdamW (Loshchilov & Hutter, arXiv 1711.05101, as torch::optim::AdamW computes it) on `n` fp32 elements in one
-/// pass: p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g g; p += (-lr / bc1) m / (sqrt(v) / sqrt(bc2)
+/// pass: g *= grad_scale (rounded, as a separate mul_ of the gradient would); p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g g; p += (-lr / bc1) m / (sqrt(v) / sqrt(bc2)
 /// + eps), each product and sum in torch's order. Portable version: SSE2 (every x86-64) four lanes at a time, or a
 /// scalar loop; the loop is bound by memory bandwidth, not arithmetic. Results agree with torch's within float
 /// rounding (torch's AVX2 kernels fuse the moment updates' multiply-adds; see fused_adamw_kernel_avx2).
@@ -96,9 +98,9 @@ inline void fused_adamw_kernel_portable(float* p, const float* g, float* m, floa
   const __m128 decay = _mm_set1_ps(c.decay), beta1 = _mm_set1_ps(c.beta1), beta2 = _mm_set1_ps(c.beta2);
   const __m128 one_minus_beta1 = _mm_set1_ps(c.one_minus_beta1), one_minus_beta2 = _mm_set1_ps(c.one_minus_beta2);
   const __m128 bias2_sqrt = _mm_set1_ps(c.bias2_sqrt), eps = _mm_set1_ps(c.eps);
-  const __m128 neg_step_size = _mm_set1_ps(c.neg_step_size);
+  const __m128 neg_step_size = _mm_set1_ps(c.neg_step_size), grad_scale = _mm_set1_ps(c.grad_scale);
   for (; i + 4 <= n; i += 4) {
-    const __m128 gi = _mm_loadu_ps(g + i);
+    const __m128 gi = _mm_mul_ps(_mm_loadu_ps(g + i), grad_scale);
     const __m128 pi = _mm_mul_ps(_mm_loadu_ps(p + i), decay);
     const __m128 mi = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(m + i), beta1), _mm_mul_ps(gi, one_minus_beta1));
     const __m128 vi =
@@ -110,7 +112,7 @@ inline void fused_adamw_kernel_portable(float* p, const float* g, float* m, floa
   }
 #endif
   for (; i < n; ++i) {
-    const float gi = g[i];
+    const float gi = g[i] * c.grad_scale;
     const float pi = p[i] * c.decay;
     const float mi = m[i] * c.beta1 + gi * c.one_minus_beta1;
     const float vi = v[i] * c.beta2 + c.one_minus_beta2 * gi * gi;
@@ -133,10 +135,11 @@ __attribute__((target("avx2,fma"))) inline void fused_adamw_kernel_avx2(float* p
   const __m256 one_minus_beta1 = _mm256_set1_ps(c.one_minus_beta1);
   const __m256 one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
   const __m256 bias2_sqrt = _mm256_set1_ps(c.bias2_sqrt), eps = _mm256_set1_ps(c.eps);
-  const __m256 neg_step_size = _mm256_set1_ps(c.neg_step_size);
+  const __m256 neg_step_size = _mm256_set1_ps(c.neg_step_size), grad_scale = _mm256_set1_ps(c.grad_scale);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 gi = _mm256_loadu_ps(g + i);
+    __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + i), grad_scale);
+    __asm__("" : "+x"(gi));  // rounded before the moments use it, as after a separate mul_ of the gradient
     __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
     __asm__("" : "+x"(pi));  // rounded before the final add, as torch's separate mul_ (no contraction into an FMA)
     const __m256 mi = _mm256_fmadd_ps(gi, one_minus_beta1, _mm256_mul_ps(_mm256_loadu_ps(m + i), beta1));
@@ -148,7 +151,8 @@ __attribute__((target("avx2,fma"))) inline void fused_adamw_kernel_avx2(float* p
     _mm256_storeu_ps(p + i, _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(neg_step_size, mi), denom)));
   }
   for (; i < n; ++i) {
-    const float gi = g[i];
+    float gi = g[i] * c.grad_scale;
+    __asm__("" : "+x"(gi));
     float pi = p[i] * c.decay;
     __asm__("" : "+x"(pi));
     const float mi = __builtin_fmaf(gi, c.one_minus_beta1, m[i] * c.beta1);
@@ -184,18 +188,15 @@ struct FusedAdamWChunk {
 /// threads costs nothing measurable, small enough to balance two threads over GPT-2's 148 tensors.
 inline constexpr int64_t kFusedAdamWChunk = int64_t{1} << 16;
 
-/// Runs every chunk on `threads` threads (the caller and threads - 1 others), chunks taken in order from a shared
-/// counter. Plain threads rather than at::parallel_for: with the OpenMP build of LibTorch, at::parallel_for is an
-/// inline template whose `#pragma omp parallel` runs serially in a translation unit compiled without -fopenmp.
-inline void run_fused_adamw(const std::vector<FusedAdamWChunk>& chunks, int threads) {
-  const auto count = static_cast<int64_t>(chunks.size());
-  const FusedAdamWKernel kernel = fused_adamw_kernel();
+/// Calls `run(i)` for every i in [0, count) on `threads` threads (the caller and threads - 1 others), indices
+/// taken in order from a shared counter. Plain threads rather than at::parallel_for: with the OpenMP build of
+/// LibTorch, at::parallel_for is an inline template whose `#pragma omp parallel` runs serially in a translation unit
+/// compiled without -fopenmp.
+template <class Run>
+inline void run_chunks(int64_t count, int threads, const Run& run) {
   std::atomic<int64_t> next{0};
   auto work = [&] {
-    for (int64_t i = next++; i < count; i = next++) {
-      const auto& c = chunks[static_cast<size_t>(i)];
-      kernel(c.param, c.grad, c.exp_avg, c.exp_avg_sq, c.size, *c.coefficients);
-    }
+    for (int64_t i = next++; i < count; i = next++) run(i);
   };
   const int64_t helpers = std::min<int64_t>(std::max(threads, 1), count) - 1;
   if (helpers <= 0) return work();
@@ -213,6 +214,15 @@ inline void run_fused_adamw(const std::vector<FusedAdamWChunk>& chunks, int thre
   for (auto& thread : pool) thread.join();
   for (const auto& error : errors)
     if (error) std::rethrow_exception(error);
+}
+
+/// Runs the AdamW kernel over every chunk on `threads` threads.
+inline void run_fused_adamw(const std::vector<FusedAdamWChunk>& chunks, int threads) {
+  const FusedAdamWKernel kernel = fused_adamw_kernel();
+  run_chunks(static_cast<int64_t>(chunks.size()), threads, [&](int64_t i) {
+    const auto& c = chunks[static_cast<size_t>(i)];
+    kernel(c.param, c.grad, c.exp_avg, c.exp_avg_sq, c.size, *c.coefficients);
+  });
 }
 
 /// Whether the fused kernel can update `param`: CPU fp32, and parameter, gradient and both moments laid out alike
@@ -283,11 +293,106 @@ inline void bump_version(const torch::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+/// The sum of the squares of `n` fp32 values, summed in fp32 lanes and returned in double. Portable version.
+inline double sum_of_squares_portable(const float* x, int64_t n) {
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] += x[i + j] * x[i + j];
+  double total = 0;
+  for (float lane : lanes) total += lane;
+  for (; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+  return total;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+/// sum_of_squares_portable() with AVX2 and FMA: four accumulators of eight lanes, bound by memory bandwidth.
+__attribute__((target("avx2,fma"))) inline double sum_of_squares_avx2(const float* x, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
+      acc[j] = _mm256_fmadd_ps(v, v, acc[j]);
+    }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  double total = 0;
+  for (float lane : lanes) total += lane;
+  for (; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+  return total;
+}
+#endif
+
+/// The global L2 norm of the defined gradients among `params`: CPU fp32 dense gradients in one pass over
+/// `threads` threads (chunks of kFusedAdamWChunk values, each summed in fp32 and the chunks in double), the rest with
+/// torch's norms (one per tensor, as torch::nn::utils::clip_grad_norm_ takes them). The same norm as
+/// clip_grad_norm_'s up to the order of the fp32 sums; a gradient of inf or NaN gives inf or NaN.
+inline double gradient_norm(const std::vector<torch::Tensor>& params, int threads) {
+  struct Chunk {
+    const float* data;
+    int64_t size;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<torch::Tensor> other;
+  for (const auto& p : params) {
+    const auto& g = p.grad();
+    if (!g.defined()) continue;
+    if (g.device().is_cpu() && g.scalar_type() == torch::kFloat && g.layout() == torch::kStrided &&
+        g.is_non_overlapping_and_dense()) {
+      const float* data = g.data_ptr<float>();
+      for (int64_t begin = 0, n = g.numel(); begin < n; begin += kFusedAdamWChunk)
+        chunks.push_back({data + begin, std::min(kFusedAdamWChunk, n - begin)});
+    } else {
+      other.push_back(g.norm(2));
+    }
+  }
+  auto kernel = sum_of_squares_portable;
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernel = sum_of_squares_avx2;
+#endif
+  std::vector<double> sums(chunks.size());
+  run_chunks(static_cast<int64_t>(chunks.size()), threads, [&](int64_t i) {
+    sums[static_cast<size_t>(i)] = kernel(chunks[static_cast<size_t>(i)].data, chunks[static_cast<size_t>(i)].size);
+  });
+  double total = 0;
+  for (double s : sums) total += s;
+  if (!other.empty()) {
+    const double norm = torch::stack(other).norm(2).item<double>();
+    total += norm * norm;
+  }
+  return std::sqrt(total);
+}
+
+/// Multiplies every defined gradient among `params` by `factor`: CPU fp32 dense gradients in one pass over
+/// `threads` threads, the rest with mul_.
+inline void scale_gradients(const std::vector<torch::Tensor>& params, float factor, int threads) {
+  std::vector<std::pair<float*, int64_t>> chunks;
+  for (const auto& p : params) {
+    auto g = p.grad();
+    if (!g.defined()) continue;
+    if (g.device().is_cpu() && g.scalar_type() == torch::kFloat && g.layout() == torch::kStrided &&
+        g.is_non_overlapping_and_dense()) {
+      float* data = g.data_ptr<float>();
+      for (int64_t begin = 0, n = g.numel(); begin < n; begin += kFusedAdamWChunk)
+        chunks.emplace_back(data + begin, std::min(kFusedAdamWChunk, n - begin));
+      bump_version(g);
+    } else {
+      g.mul_(factor);
+    }
+  }
+  run_chunks(static_cast<int64_t>(chunks.size()), threads, [&](int64_t i) {
+    auto [data, size] = chunks[static_cast<size_t>(i)];
+    for (int64_t j = 0; j < size; ++j) data[j] *= factor;
+  });
+}
+
 /// One AdamW step of every parameter of `optimizer` that has a gradient (the others are skipped, as
 /// torch::optim::AdamW skips them), with the optimiser's own state (exp_avg, exp_avg_sq, step) and group options:
 /// fused over `threads` threads for CPU fp32 parameters, torch's tensor operations otherwise. The state is the one
-/// torch::optim::AdamW keeps, so its save() / load() and anything reading the state are unchanged.
-inline void adamw_step(torch::optim::AdamW& optimizer, int threads) {
+/// torch::optim::AdamW keeps, so its save() / load() and anything reading the state are unchanged. Every gradient
+/// is taken times `grad_scale` (a clip factor not yet applied), exactly as if it had been multiplied in place first.
+inline void adamw_step(torch::optim::AdamW& optimizer, int threads, float grad_scale = 1) {
   torch::NoGradGuard no_grad;
   std::vector<std::unique_ptr<FusedAdamWCoefficients>> coefficients;
   std::vector<FusedAdamWChunk> chunks;
@@ -302,12 +407,13 @@ inline void adamw_step(torch::optim::AdamW& optimizer, int threads) {
              format_shape(param.sizes()));
       auto& state = adamw_state(optimizer, param, options.amsgrad());
       if (options.amsgrad() || !fused_adamw_applies(param, grad, state.exp_avg(), state.exp_avg_sq())) {
-        adamw_tensor_step(param, grad, state, options);
+        adamw_tensor_step(param, grad_scale != 1 ? grad * grad_scale : grad, state, options);
         continue;
       }
       state.step(state.step() + 1);
       coefficients.push_back(
           std::make_unique<FusedAdamWCoefficients>(FusedAdamWCoefficients::at_step(options, state.step())));
+      coefficients.back()->grad_scale = grad_scale;
       auto* p = param.data_ptr<float>();
       const auto* g = grad.data_ptr<float>();
       auto* m = state.exp_avg().data_ptr<float>();
@@ -388,18 +494,34 @@ class GroupedAdamW {
   /// next step() is skipped by it, as torch's optimisers skip it.
   void zero_grad() {
     for (auto& p : parameters_) p.mutable_grad().reset();
+    pending_scale_ = 1;
   }
 
   /// Clips the global gradient norm of the optimised parameters to `max_norm` (0 = no clipping) and returns the
-  /// norm before clipping.
-  double clip_grad_norm(double max_norm) {
-    return torch::nn::utils::clip_grad_norm_(
-        parameters_, max_norm > 0 ? max_norm : std::numeric_limits<double>::infinity());
+  /// norm before clipping: torch::nn::utils::clip_grad_norm_'s norm (up to the order of its fp32 sums; one pass
+  /// over the CPU fp32 gradients instead of a norm per tensor) and factor (clip_coefficient()). With `defer_scale`
+  /// the gradients are left as they are and step(), which must come next, takes them times the factor: the same
+  /// update, one pass over the gradients fewer. Trainers defer when no step callback reads the clipped gradients.
+  double clip_grad_norm(double max_norm, bool defer_scale = false) {
+    const int threads = at::get_num_threads();
+    const double norm = detail::gradient_norm(parameters_, threads);
+    const auto factor = static_cast<float>(clip_coefficient(max_norm, norm));
+    if (factor < 1) {
+      if (defer_scale)
+        pending_scale_ = factor;
+      else
+        detail::scale_gradients(parameters_, factor, threads);
+    }
+    return norm;
   }
 
   /// One AdamW step of the parameters that have a gradient: the fused CPU step for fp32 parameters, torch's
-  /// operations for the rest (see detail::adamw_step); the same results and state as optimizer().step().
-  void step() { detail::adamw_step(optimizer(), at::get_num_threads()); }
+  /// operations for the rest (see detail::adamw_step); the same results and state as optimizer().step() (after a
+  /// deferred clip, as after clipping the gradients first).
+  void step() {
+    detail::adamw_step(optimizer(), at::get_num_threads(), pending_scale_);
+    pending_scale_ = 1;
+  }
 
   /// The optimiser (after build()): its groups, options and per-parameter state (exp_avg, exp_avg_sq, step) are
   /// the ones step() uses.
@@ -445,6 +567,7 @@ class GroupedAdamW {
   std::vector<std::vector<torch::Tensor>> groups_;
   std::vector<torch::Tensor> parameters_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
+  float pending_scale_ = 1;  // a clip factor clip_grad_norm() left for step()
 };
 
 }  // namespace rlhf
