@@ -943,6 +943,28 @@ TEST_CASE("column_sums: the fp32 column sums of fp32 and bf16 matrices, as torch
   CHECK(torch::allclose(rlhf::detail::column_sums(x.t()), x.t().sum(0)));
 }
 
+TEST_CASE("layer_norm_rows: torch's layernorm without a graph, torch's operator's turn with one") {
+  if (!rlhf::detail::avx512_supported()) return;  // the kernel needs AVX-512; the callers then take torch's
+  torch::manual_seed(19);
+  // Widths with tails past the 16-wide vectors; rows split over threads or not; a leading batch dimension.
+  for (const auto& sizes : std::vector<std::vector<int64_t>>{{1, 13}, {32, 768}, {4, 66, 768}, {3, 100}, {0, 8}}) {
+    const int64_t d = sizes.back(), dims = static_cast<int64_t>(sizes.size()), rows = sizes.front();
+    CAPTURE(d);
+    CAPTURE(dims);
+    CAPTURE(rows);
+    const auto x = torch::randn(sizes) * 3 + 1, weight = torch::randn({d}), bias = torch::randn({d});
+    c10::InferenceMode inference;
+    const auto y = rlhf::layer_norm_rows(x, weight, bias, 1e-5);
+    REQUIRE(y.defined());
+    CHECK(torch::allclose(y, torch::layer_norm(x, {d}, weight, bias, 1e-5), 1e-5, 1e-5));
+  }
+  const auto x = torch::randn({4, 16}), weight = torch::randn({16}, torch::requires_grad()), bias = torch::randn({16});
+  CHECK_FALSE(rlhf::layer_norm_rows(x, weight, bias, 1e-5).defined());  // a graph to record: torch's operator
+  CHECK_FALSE(rlhf::layer_norm_rows(x.to(torch::kBFloat16), weight.detach(), bias, 1e-5).defined());
+  torch::NoGradGuard no_grad;
+  CHECK(rlhf::layer_norm_rows(x, weight, bias, 1e-5).defined());
+}
+
 TEST_CASE("GELU kernels: fp32 near the exact values and bf16 their rounding, forward and backward") {
   // Odd length: a masked tail after the 16-wide vectors; -12 .. 12 covers both saturated ends of tanh.
   auto x = torch::linspace(-12, 12, 20001).to(torch::kBFloat16);

@@ -10,6 +10,7 @@
 #include <rlhf/core/decode_attention.hpp>
 #include <rlhf/core/simd512.hpp>
 #include <rlhf/core/gelu.hpp>
+#include <rlhf/core/layer_norm.hpp>
 #include <rlhf/core/softmax_stats.hpp>
 #include <rlhf/log/printable.hpp>
 #include <rlhf/io/atomic_file.hpp>

@@ -571,11 +571,9 @@ __attribute__((target("avx512f,avx512bw"))) inline void pack_pairs_from_fp32(con
 /// 16 rows x 16 pairs at a time: each row's 32 floats rounded into one vector of 16 pairs, the block transposed in
 /// registers. `panel` points at the panel's pair (0, 0), `width` pairs per panel row; columns past `rows` are left
 /// untouched.
-__attribute__((target("avx512f,avx512bw"))) inline void pack_pairs_from_fp32_rows(const float* w, int64_t n,
-                                                                                 int64_t k, int64_t r0,
-                                                                                 int64_t rows, uint32_t* panel,
-                                                                                 int64_t width) {
-  (void)n;
+__attribute__((target("avx512f,avx512bw"))) inline void pack_pairs_from_fp32_rows(const float* w, int64_t k,
+                                                                                 int64_t r0, int64_t rows,
+                                                                                 uint32_t* panel, int64_t width) {
   const int64_t kp = (k + 1) / 2;
   alignas(64) uint32_t block[16 * 16], out[16 * 16];
   // The low 16-bit half of each 32-bit lane of two vectors, in order: lanes 0-31 index the first, 32-63 the second.
@@ -697,7 +695,7 @@ inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c1 = std::min(width, n - p * width);
         if (transposed)
-          detail::pack_pairs_from_fp32_rows(src, n, k, p * width, c1, dst + p * kp * width, width);
+          detail::pack_pairs_from_fp32_rows(src, k, p * width, c1, dst + p * kp * width, width);
         else
           detail::pack_pairs_from_fp32(src, k, n, p * width, c1, dst + p * kp * width, width);
       }
@@ -752,8 +750,9 @@ inline torch::Tensor pack_bf16_pairs(const torch::Tensor& w, bool transposed) {
 /// with every operand bf16) run on the AVX512-BF16 kernels where the CPU has them (bf16 inputs, fp32 sums, a bf16
 /// result, as torch's bf16 addmm; weights packed by pack_bf16_pairs()), and fp32 products of small_rows_addmm read
 /// their weights from contiguous panels (pack_fp32_panels()). A weight changed in place (its version counter moved)
-/// or given new storage is packed again. generate() opens one, so a rollout packs every weight once (GPT-2 small:
-/// 250 MB held while it runs in bf16, 340 MB in fp32, where the tied vocabulary projection reads wte in place).
+/// or given new storage is packed again. The biases of bf16 products are kept too, rounded to bf16 once (as torch
+/// rounds them on every call). generate() opens one, so a rollout packs every weight once (GPT-2 small: 250 MB held
+/// while it runs in bf16, 340 MB in fp32, where the tied vocabulary projection reads wte in place).
 /// Without an open scope products go to torch (bf16) or read the weights in place (fp32): packing a weight for one
 /// product would cost more than it saves.
 class DecodePackScope {

@@ -60,15 +60,6 @@ inline float element_value(const uint16_t* p) {
 RLHF_AVX512_TARGET inline void store_element(float* p, float v) { *p = v; }
 RLHF_AVX512_TARGET inline void store_element(uint16_t* p, float v) { store_part(p, _mm512_set1_ps(v), 1); }
 
-/// The sum of the 16 lanes (_mm512_reduce_add_ps starts from an "undefined" vector that GCC 12 warns about).
-RLHF_AVX512_TARGET inline float lane_sum(__m512 v) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  float sum = 0.0f;
-  for (float x : lanes) sum += x;
-  return sum;
-}
-
 /// The largest of x[0 .. V), NaN when one is NaN.
 template <class T>
 RLHF_AVX512_TARGET inline float row_max(const T* x, int64_t V) {

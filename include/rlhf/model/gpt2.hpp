@@ -19,6 +19,7 @@
 #include <rlhf/core/decode_attention.hpp>
 #include <rlhf/core/gelu.hpp>
 #include <rlhf/core/gemm.hpp>
+#include <rlhf/core/layer_norm.hpp>
 #include <rlhf/core/precision.hpp>
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/detail/error.hpp>
@@ -34,12 +35,16 @@ namespace rlhf {
 // ---- building blocks ----
 
 /// Layernorm computed in fp32 whatever the input dtype (bf16 layernorms lose too much); returns fp32. Calls the
-/// layernorm's capture point, when set, with the fp32 input and the output.
+/// layernorm's capture point, when set, with the fp32 input and the output. Without a graph to record (sampling, the
+/// reference's forward) the AVX-512 kernel of core/layer_norm.hpp computes it.
 inline torch::Tensor layer_norm_fp32(const torch::Tensor& x, GPT2LayerNormImpl& ln) {
   const auto& opts = ln.options;
   auto input = x.to(torch::kFloat);
-  auto y = torch::layer_norm(input, opts.normalized_shape(), ln.weight.to(torch::kFloat), ln.bias.to(torch::kFloat),
-                             opts.eps());
+  torch::Tensor y;
+  if (opts.normalized_shape().size() == 1) y = layer_norm_rows(input, ln.weight, ln.bias, opts.eps());
+  if (!y.defined())
+    y = torch::layer_norm(input, opts.normalized_shape(), ln.weight.to(torch::kFloat), ln.bias.to(torch::kFloat),
+                          opts.eps());
   if (ln.capture) ln.capture->on_forward(input, y);
   return y;
 }
@@ -111,7 +116,9 @@ class GPT2AttentionImpl : public torch::nn::Module {
   /// x: [B, T, D]; bias: [B, 1, T, S] from attention_bias(); cache: keys/values of earlier positions (or null).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& bias, KVCache* cache, int64_t layer) {
     const int64_t b = x.size(0), t = x.size(1), d = x.size(2);
-    auto qkv = c_attn(x).view({b, t, 3, n_head_, d_head_}).permute({2, 0, 3, 1, 4});  // [3, B, H, T, Dh]
+    // unbind, not three selects: its backward stacks the three gradients, where each select's would zero-fill a
+    // gradient of all of qkv and the three would then be added (~65 ms of a bf16 PPO phase's learning updates)
+    const auto qkv = c_attn(x).view({b, t, 3, n_head_, d_head_}).permute({2, 0, 3, 1, 4}).unbind(0);  // [B, H, T, Dh]
     auto q = qkv[0], k = qkv[1], v = qkv[2];
     if (cache) std::tie(k, v) = cache->append(layer, k, v);  // [B, H, S, Dh]
     torch::Tensor out;                                        // [B, H, T, Dh]

@@ -293,6 +293,26 @@ inline void bump_version(const torch::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+/// The defined gradients among `params` that one threaded pass can take (CPU fp32, one dense block of memory) as
+/// runs of at most kFusedAdamWChunk values; the other defined gradients are appended to `other`.
+inline std::vector<std::pair<float*, int64_t>> gradient_chunks(const std::vector<torch::Tensor>& params,
+                                                               std::vector<torch::Tensor>& other) {
+  std::vector<std::pair<float*, int64_t>> chunks;
+  for (const auto& p : params) {
+    const auto& g = p.grad();
+    if (!g.defined()) continue;
+    if (!g.device().is_cpu() || g.scalar_type() != torch::kFloat || g.layout() != torch::kStrided ||
+        !g.is_non_overlapping_and_dense()) {
+      other.push_back(g);
+      continue;
+    }
+    float* data = g.data_ptr<float>();
+    for (int64_t begin = 0, n = g.numel(); begin < n; begin += kFusedAdamWChunk)
+      chunks.emplace_back(data + begin, std::min(kFusedAdamWChunk, n - begin));
+  }
+  return chunks;
+}
+
 /// The sum of the squares of `n` fp32 values, summed in fp32 lanes and returned in double. Portable version.
 inline double sum_of_squares_portable(const float* x, int64_t n) {
   float lanes[8] = {};
@@ -329,31 +349,17 @@ __attribute__((target("avx2,fma"))) inline double sum_of_squares_avx2(const floa
 /// torch's norms (one per tensor, as torch::nn::utils::clip_grad_norm_ takes them). The same norm as
 /// clip_grad_norm_'s up to the order of the fp32 sums; a gradient of inf or NaN gives inf or NaN.
 inline double gradient_norm(const std::vector<torch::Tensor>& params, int threads) {
-  struct Chunk {
-    const float* data;
-    int64_t size;
-  };
-  std::vector<Chunk> chunks;
   std::vector<torch::Tensor> other;
-  for (const auto& p : params) {
-    const auto& g = p.grad();
-    if (!g.defined()) continue;
-    if (g.device().is_cpu() && g.scalar_type() == torch::kFloat && g.layout() == torch::kStrided &&
-        g.is_non_overlapping_and_dense()) {
-      const float* data = g.data_ptr<float>();
-      for (int64_t begin = 0, n = g.numel(); begin < n; begin += kFusedAdamWChunk)
-        chunks.push_back({data + begin, std::min(kFusedAdamWChunk, n - begin)});
-    } else {
-      other.push_back(g.norm(2));
-    }
-  }
+  const auto chunks = gradient_chunks(params, other);
+  for (auto& g : other) g = g.norm(2);
   auto kernel = sum_of_squares_portable;
 #if defined(__GNUC__) && defined(__x86_64__)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernel = sum_of_squares_avx2;
 #endif
   std::vector<double> sums(chunks.size());
   run_chunks(static_cast<int64_t>(chunks.size()), threads, [&](int64_t i) {
-    sums[static_cast<size_t>(i)] = kernel(chunks[static_cast<size_t>(i)].data, chunks[static_cast<size_t>(i)].size);
+    const auto [data, size] = chunks[static_cast<size_t>(i)];
+    sums[static_cast<size_t>(i)] = kernel(data, size);
   });
   double total = 0;
   for (double s : sums) total += s;
@@ -367,20 +373,11 @@ inline double gradient_norm(const std::vector<torch::Tensor>& params, int thread
 /// Multiplies every defined gradient among `params` by `factor`: CPU fp32 dense gradients in one pass over
 /// `threads` threads, the rest with mul_.
 inline void scale_gradients(const std::vector<torch::Tensor>& params, float factor, int threads) {
-  std::vector<std::pair<float*, int64_t>> chunks;
-  for (const auto& p : params) {
-    auto g = p.grad();
-    if (!g.defined()) continue;
-    if (g.device().is_cpu() && g.scalar_type() == torch::kFloat && g.layout() == torch::kStrided &&
-        g.is_non_overlapping_and_dense()) {
-      float* data = g.data_ptr<float>();
-      for (int64_t begin = 0, n = g.numel(); begin < n; begin += kFusedAdamWChunk)
-        chunks.emplace_back(data + begin, std::min(kFusedAdamWChunk, n - begin));
-      bump_version(g);
-    } else {
-      g.mul_(factor);
-    }
-  }
+  std::vector<torch::Tensor> other;
+  const auto chunks = gradient_chunks(params, other);
+  for (auto& g : other) g.mul_(factor);
+  for (const auto& p : params)
+    if (p.grad().defined()) bump_version(p.grad());
   run_chunks(static_cast<int64_t>(chunks.size()), threads, [&](int64_t i) {
     auto [data, size] = chunks[static_cast<size_t>(i)];
     for (int64_t j = 0; j < size; ++j) data[j] *= factor;
