@@ -87,8 +87,9 @@ struct FusedAdamWCoefficients {
 };
 
 /// AdamW (Loshchilov & Hutter, arXiv 1711.05101, as torch::optim::AdamW computes it) on `n` fp32 elements in one
-/// pass: g *= grad_scale (rounded, as a separate mul_ of the gradient would); p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g g; p += (-lr / bc1) m / (sqrt(v) / sqrt(bc2)
-/// + eps), each product and sum in torch's order. Portable version: SSE2 (every x86-64) four lanes at a time, or a
+/// pass: g *= grad_scale (rounded, as a separate mul_ of the gradient would); p *= 1 - lr wd;
+/// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g g; p += (-lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps), each product
+/// and sum in torch's order. Portable version: SSE2 (every x86-64) four lanes at a time, or a
 /// scalar loop; the loop is bound by memory bandwidth, not arithmetic. Results agree with torch's within float
 /// rounding (torch's AVX2 kernels fuse the moment updates' multiply-adds; see fused_adamw_kernel_avx2).
 inline void fused_adamw_kernel_portable(float* p, const float* g, float* m, float* v, int64_t n,
@@ -351,7 +352,7 @@ __attribute__((target("avx2,fma"))) inline double sum_of_squares_avx2(const floa
 inline double gradient_norm(const std::vector<torch::Tensor>& params, int threads) {
   std::vector<torch::Tensor> other;
   const auto chunks = gradient_chunks(params, other);
-  for (auto& g : other) g = g.norm(2);
+  for (auto& g : other) g = g.norm(2).to(torch::kFloat);  // bf16 gradients' norms stack with fp32 ones
   auto kernel = sum_of_squares_portable;
 #if defined(__GNUC__) && defined(__x86_64__)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernel = sum_of_squares_avx2;
