@@ -246,8 +246,9 @@ int main(int argc, char** argv) {
     for (const auto& sample : sampler.samples()) {
       for (; event != update_events->events.end() && event->first <= sample.t; ++event)
         csv += fmt::format("{:.4f},,,,{}\n", event->first, event->second);
-      csv += fmt::format("{:.4f},{:.1f},{:.1f},{:.1f},\n", sample.t, sample.mb, sample.heap.in_use_mb,
-                         sample.heap.free_mb);
+      csv += sample.has_heap ? fmt::format("{:.4f},{:.1f},{:.1f},{:.1f},\n", sample.t, sample.mb,
+                                           sample.heap.in_use_mb, sample.heap.free_mb)
+                             : fmt::format("{:.4f},{:.1f},,,\n", sample.t, sample.mb);
     }
     rlhf::write_file_atomic(a.memory_trace_path, csv);
   }
