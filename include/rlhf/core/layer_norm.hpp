@@ -28,7 +28,7 @@ RLHF_AVX512_TARGET inline void layer_norm_rows_kernel(const float* x, const floa
     float* out = y + r * d;
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) sum = _mm512_add_ps(sum, load_part(row + i, std::min<int64_t>(16, d - i)));
-    const float mean = lane_sum(sum) / static_cast<float>(d);
+    const float mean = sum_lanes512(sum) / static_cast<float>(d);
     const __m512 mean_v = _mm512_set1_ps(mean);
     __m512 squares = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
@@ -36,7 +36,7 @@ RLHF_AVX512_TARGET inline void layer_norm_rows_kernel(const float* x, const floa
       const __m512 dev = _mm512_maskz_sub_ps(lanes_below(count), load_part(row + i, count), mean_v);
       squares = _mm512_fmadd_ps(dev, dev, squares);
     }
-    const float rstd = 1.0f / std::sqrt(lane_sum(squares) / static_cast<float>(d) + eps);
+    const float rstd = 1.0f / std::sqrt(sum_lanes512(squares) / static_cast<float>(d) + eps);
     const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-rstd * mean);
     for (int64_t i = 0; i < d; i += 16) {
       const int64_t count = std::min<int64_t>(16, d - i);

@@ -68,15 +68,6 @@ RLHF_AVX512_TARGET inline void store_part(uint16_t* p, __m512 v, int64_t count) 
   _mm256_mask_storeu_epi16(p, lanes_below(count), _mm256_load_si256(reinterpret_cast<const __m256i*>(all)));
 }
 
-/// The sum of the 16 lanes (_mm512_reduce_add_ps starts from an "undefined" vector that GCC 12 warns about).
-RLHF_AVX512_TARGET inline float lane_sum(__m512 v) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  float sum = 0.0f;
-  for (float x : lanes) sum += x;
-  return sum;
-}
-
 /// exp(y) for y <= 0 (to ~1 ulp; below -87 the result is 0 or near it): 2^n p(r), y = n ln 2 + r, |r| <= ln 2 / 2.
 RLHF_AVX512_TARGET inline __m512 exp_nonpositive(__m512 y) {
   y = _mm512_maskz_max_ps(all16, y, _mm512_set1_ps(-87.0f));

@@ -124,16 +124,16 @@ RLHF_AVX512_TARGET void softmax_stats_rows(const T* x, const T* ref, const int64
         c = _mm512_mask3_fmadd_ps(e, _mm512_sub_ps(d, dq), c, live);
       }
     }
-    const float sum = lane_sum(s), log_s = std::log(sum), mean_d = lane_sum(a) / sum;
+    const float sum = sum_lanes512(s), log_s = std::log(sum), mean_d = sum_lanes512(a) / sum;
     lse[r] = m + log_s;
     entropy[r] = log_s - mean_d;
     logprob[r] = element_value(xr + tokens[r]) * inv_t - lse[r];
     if (ref_nan) {
       ref_lse[r] = kl[r] = nan;
     } else if (qr) {
-      const float log_sq = std::log(lane_sum(sq));
+      const float log_sq = std::log(sum_lanes512(sq));
       ref_lse[r] = mq + log_sq;
-      kl[r] = lane_sum(c) / sum - log_s + log_sq;  // sum p (log p - log q)
+      kl[r] = sum_lanes512(c) / sum - log_s + log_sq;  // sum p (log p - log q)
     } else {
       ref_lse[r] = kl[r] = 0.0f;
     }
