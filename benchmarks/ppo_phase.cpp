@@ -57,9 +57,10 @@ int64_t numel(const std::vector<torch::Tensor>& params) {
 //   generation: the prompt forward (B x P tokens, context P), G - 1 one-token forwards (context P + 1 ... P + G - 1),
 //               the vocabulary projection and the value head of the last position at each of the G steps: the
 //               policy's old log-probs and values need no other forward.
-//   reference:  the reference forward over B x T tokens with log-probs of the G generated positions. (A second
-//               policy forward for the old log-probs, as the seed notebook and --recompute-old-logprobs run, is
-//               work the phase does not need and is not counted.)
+//   reference:  the reference forward over B x T tokens. Its log-probs of the G generated positions (for the KL
+//               statistic) come from the training's projections of the same rows (below), which the KL term in the
+//               loss needs anyway. (A second policy forward for the old log-probs, as the seed notebook and
+//               --recompute-old-logprobs run, is work the phase does not need and is not counted.)
 //   reward:     none (a text function).
 //   training:   per update, forward + backward (3x the forward) of the policy over mb x T tokens, the value head and
 //               the vocabulary projection at mb x G positions, plus the reference vocabulary projection of the same
@@ -74,7 +75,7 @@ StageFlops phase_flops(const rlhf::GPT2Config& c, const Args& a) {
   StageFlops f;
   f.generation = bench::block_flops(c, b * p, p) + bench::vocab_flops(c, b * g) + bench::value_head_flops(c, b * g);
   for (int64_t s = 1; s < a.new_tokens; ++s) f.generation += bench::block_flops(c, b, p + s);
-  f.reference = bench::block_flops(c, b * t, t) + bench::vocab_flops(c, b * g);
+  f.reference = bench::block_flops(c, b * t, t);
   const double forward =
       bench::block_flops(c, mb * t, t) + bench::value_head_flops(c, mb * g) + bench::vocab_flops(c, mb * g);
   f.training = updates * (3 * forward + bench::vocab_flops(c, mb * g));

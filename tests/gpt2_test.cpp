@@ -496,9 +496,11 @@ TEST_CASE("AVX512-BF16 products (core/gemm.hpp) equal float64's of the bf16-roun
   torch::manual_seed(13);
   RestoreDecodeIsa restore;
   // (m, n, k) past the 8 x 48 tile, the 16 x 16 blocks the packing moves in registers, the 128-row, 1024-deep and
-  // 3072-column blocks, with odd k (the last pair half zero), m > n and n >= m.
-  const std::vector<std::array<int64_t, 3>> shapes = {{1, 1, 1},     {7, 47, 3},     {16, 48, 32}, {9, 49, 33},
-                                                      {130, 100, 1025}, {17, 3100, 40}, {300, 50, 66}, {64, 200, 2}};
+  // 3072-column blocks, with odd k (the last pair half zero), m > n and n >= m; k far beyond m and n (split along k
+  // among the threads).
+  const std::vector<std::array<int64_t, 3>> shapes = {{1, 1, 1},       {7, 47, 3},     {16, 48, 32},  {9, 49, 33},
+                                                      {130, 100, 1025}, {17, 3100, 40}, {300, 50, 66}, {64, 200, 2},
+                                                      {64, 64, 12999}};
   const auto bf16_exact = [](const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kDouble); };
   for (const auto& [m, n, k] : shapes) {
     CAPTURE(m);
@@ -943,7 +945,7 @@ TEST_CASE("column_sums: the fp32 column sums of fp32 and bf16 matrices, as torch
   CHECK(torch::allclose(rlhf::detail::column_sums(x.t()), x.t().sum(0)));
 }
 
-TEST_CASE("layer_norm_rows: torch's layernorm without a graph, torch's operator's turn with one") {
+TEST_CASE("layer_norm_rows: torch's layernorm, without a graph and with one (gradients of x, weight and bias)") {
   if (!rlhf::detail::avx512_supported()) return;  // the kernel needs AVX-512; the callers then take torch's
   torch::manual_seed(19);
   // Widths with tails past the 16-wide vectors; rows split over threads or not; a leading batch dimension.
@@ -958,11 +960,34 @@ TEST_CASE("layer_norm_rows: torch's layernorm without a graph, torch's operator'
     REQUIRE(y.defined());
     CHECK(torch::allclose(y, torch::layer_norm(x, {d}, weight, bias, 1e-5), 1e-5, 1e-5));
   }
-  const auto x = torch::randn({4, 16}), weight = torch::randn({16}, torch::requires_grad()), bias = torch::randn({16});
-  CHECK_FALSE(rlhf::layer_norm_rows(x, weight, bias, 1e-5).defined());  // a graph to record: torch's operator
-  CHECK_FALSE(rlhf::layer_norm_rows(x.to(torch::kBFloat16), weight.detach(), bias, 1e-5).defined());
-  torch::NoGradGuard no_grad;
-  CHECK(rlhf::layer_norm_rows(x, weight, bias, 1e-5).defined());
+  // With a graph: the autograd node, whose gradients match torch's layer_norm's, first and second order.
+  for (const auto& sizes : std::vector<std::vector<int64_t>>{{3, 13}, {66, 768}, {2, 5, 100}}) {
+    const int64_t d = sizes.back();
+    CAPTURE(d);
+    const auto x0 = torch::randn(sizes) * 2 - 1, w0 = torch::randn({d}), b0 = torch::randn({d});
+    const auto upstream = torch::randn(sizes);
+    const auto grads = [&](bool kernel, bool create_graph) {
+      auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_(), b = b0.clone().requires_grad_();
+      auto y = kernel ? rlhf::layer_norm_rows(x, w, b, 1e-5) : torch::layer_norm(x, {d}, w, b, 1e-5);
+      REQUIRE(y.defined());
+      auto g = torch::autograd::grad({y}, {x, w, b}, {upstream}, /*retain_graph=*/true, create_graph);
+      std::vector<torch::Tensor> out{y.detach(), g[0], g[1], g[2]};
+      // second order: d/dx of sum(dL/dx ^ 2)
+      if (create_graph) out.push_back(torch::autograd::grad({g[0].pow(2).sum()}, {x})[0]);
+      return out;
+    };
+    for (const bool create_graph : {false, true}) {
+      CAPTURE(create_graph);
+      const auto mine = grads(true, create_graph), theirs = grads(false, create_graph);
+      for (size_t i = 0; i < mine.size(); ++i) {
+        CAPTURE(i);
+        CHECK(torch::allclose(mine[i], theirs[i], 1e-4, 1e-4));
+      }
+    }
+  }
+  const auto x = torch::randn({4, 16}), weight = torch::randn({16}), bias = torch::randn({16});
+  CHECK_FALSE(rlhf::layer_norm_rows(x.to(torch::kBFloat16), weight, bias, 1e-5).defined());  // fp32 only
+  CHECK_FALSE(rlhf::layer_norm_rows(x.t(), weight.narrow(0, 0, 4), bias.narrow(0, 0, 4), 1e-5).defined());
 }
 
 TEST_CASE("GELU kernels: fp32 near the exact values and bf16 their rounding, forward and backward") {

@@ -184,6 +184,39 @@ TEST_CASE("ppo trainer: bad input is refused") {
                        rlhf::Error);
 }
 
+TEST_CASE("ppo trainer: with the KL in the loss the reference's log-probs come from the learning epochs") {
+  // With KLPlacement::loss the KL statistic takes the reference's log-probs of the sampled tokens from the first
+  // epoch's minibatches (rows an early stop left out are projected after the epochs); with KLPlacement::reward the
+  // reference stage computes them. From the same weights, phase and samples the three agree to rounding.
+  auto reward = rlhf::FunctionReward(count_digits);
+  using Trainer = rlhf::PPOTrainer<rlhf::ActorCritic<>, decltype(reward), rlhf::FixedKL>;
+  const auto make = [&](rlhf::KLPlacement placement, bool stop_early) {
+    rlhf::PPOConfig config = learning_config(placement);
+    if (stop_early) config.base_lr = 5e-2, config.target_kl = 1e-6;  // the first update already stops the epochs
+    return std::make_unique<Trainer>(tiny_byte_policy(4), reward, config, rlhf::GPT2Tokenizer::byte_level());
+  };
+  auto in_loss = make(rlhf::KLPlacement::loss, false), stopped = make(rlhf::KLPlacement::loss, true),
+       in_reward = make(rlhf::KLPlacement::reward, false);
+  for (auto* trainer : {in_loss.get(), stopped.get(), in_reward.get()}) trainer->step();
+  {  // the policy that learned in the first phase, in all three
+    torch::NoGradGuard no_grad;
+    const auto learned = in_loss->policy()->named_parameters();
+    for (auto* trainer : {stopped.get(), in_reward.get()}) {
+      auto params = trainer->policy()->named_parameters();
+      for (const auto& item : learned) params[item.key()].copy_(item.value());
+    }
+  }
+  const auto full = in_loss->step(), partial = stopped->step(), staged = in_reward->step();
+  CHECK(full.reward_mean == staged.reward_mean);  // the same samples
+  CHECK(partial.reward_mean == staged.reward_mean);
+  CHECK(partial.updates < stopped->config().num_minibatches);  // rows the first epoch did not reach
+  MESSAGE("KL from the epochs / after an early stop / from the reference stage: " << full.kl << " / " << partial.kl
+                                                                                  << " / " << staged.kl);
+  CHECK(staged.kl > 1e-3);  // the policy has moved away from the reference
+  CHECK(full.kl == doctest::Approx(staged.kl).epsilon(1e-4));
+  CHECK(partial.kl == doctest::Approx(staged.kl).epsilon(1e-4));
+}
+
 TEST_CASE("ppo trainer: target KL stops a phase's epochs early") {
   auto reward = rlhf::FunctionReward(count_digits);
   rlhf::PPOConfig config = learning_config(rlhf::KLPlacement::reward);

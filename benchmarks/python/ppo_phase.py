@@ -510,7 +510,7 @@ def stage_flops(shape, a):
         return 2.0 * positions * (4 * d * d + 4 * d)
 
     generation = blocks(b * p, p) + vocab(b * g) + head(b * g) + sum(blocks(b, p + s) for s in range(1, g))
-    reference = blocks(b * t, t) + vocab(b * g)
+    reference = blocks(b * t, t)  # the reference's log-probs come from the training's projections of its rows
     forward = blocks(mb * t, t) + head(mb * g) + vocab(mb * g)
     return dict(generation=generation, reward=0.0, reference=reference,
                 training=updates * (3 * forward + vocab(mb * g)))

@@ -515,9 +515,31 @@ inline torch::Tensor gemm_bf16_addmm(const torch::Tensor& bias, const torch::Ten
                                                           : torch::Tensor();
   const detail::PairSource pa{a.data_ptr(), a.stride(0), a.stride(1), a.scalar_type() == torch::kBFloat16};
   const detail::PairSource pb{b.data_ptr(), b.stride(0), b.stride(1), b.scalar_type() == torch::kBFloat16};
+  const float* bias_p = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  const int threads = at::get_num_threads();
+  if (threads > 1 && k >= 16 * std::max(m, n) && 2.0 * static_cast<double>(m) * static_cast<double>(n) *
+                                                         static_cast<double>(k) >= 1e8) {
+    // k far beyond m and n (the vocabulary projection's input gradient, dlogits wte: 400 x 768 x 50257): threaded
+    // over the columns, every thread would pack all of a (20M values each); split along k instead, each thread packs
+    // its share of both operands into fp32 partial sums of the whole result, added up after (the order of that sum
+    // follows the number of threads).
+    // zeros: a thread that does not run (a call from inside a parallel region runs on one) adds nothing
+    auto partial = torch::zeros({threads, m, n}, a.options().dtype(torch::kFloat));
+    const auto element_size = [](const detail::PairSource& s) { return s.bf16 ? 2 : 4; };
+    detail::omp_parallel(threads, [&](int thread, int count) {
+      const auto [k0, k1] = detail::thread_share(k, 2, thread, count);
+      float* c = partial.data_ptr<float>() + thread * m * n;
+      if (k0 >= k1) return;
+      auto sa = pa, sb = pb;  // the operands from k0 on
+      sa.data = static_cast<const char*>(pa.data) + k0 * pa.col_stride * element_size(pa);
+      sb.data = static_cast<const char*>(pb.data) + k0 * pb.row_stride * element_size(pb);
+      detail::gemm_bf16_block(sa, sb, thread == 0 ? bias_p : nullptr, c, n, nullptr, n, k1 - k0, 0, m, 0, n);
+    });
+    auto total = partial.sum(0);
+    return rounded ? result.copy_(total) : total;
+  }
   float* c = sums.defined() ? sums.data_ptr<float>() : nullptr;
   auto* out = rounded ? static_cast<uint16_t*>(result.data_ptr()) : nullptr;
-  const float* bias_p = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   detail::gemm_threads(m, n, k, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     detail::gemm_bf16_block(pa, pb, bias_p, c, n, out, n, k, i0, i1, j0, j1);
   });

@@ -174,7 +174,7 @@ struct TokenStatsFunction : public torch::autograd::Function<TokenStatsFunction>
 /// are not empty), in the stats dtype: log p, p, and log p and log q set to 0 where p = 0 (so that the p log p
 /// terms of masked entries are 0 and their gradients finite).
 struct FusedChunk {
-  torch::Tensor logp, p, logp_finite, ref_logp_finite;  // [n, V] each
+  torch::Tensor logp, p, logp_finite, ref_logp, ref_logp_finite;  // [n, V] each
 };
 
 inline FusedChunk fused_chunk(const torch::Tensor& logits, const torch::Tensor& ref_logits, int64_t s, int64_t n,
@@ -190,29 +190,50 @@ inline FusedChunk fused_chunk(const torch::Tensor& logits, const torch::Tensor& 
   c.p = c.logp.exp();
   auto zero = c.p.eq(0);
   c.logp_finite = c.logp.masked_fill(zero, 0);
-  if (ref_logits.numel() > 0) c.ref_logp_finite = log_softmax(ref_logits).masked_fill_(zero, 0);
+  if (ref_logits.numel() > 0) {
+    c.ref_logp = log_softmax(ref_logits);
+    c.ref_logp_finite = c.ref_logp.masked_fill(zero, 0);
+  }
   return c;
 }
 
 /// The per-row statistics of policy_token_stats, [N] each in the stats dtype, of logits [N, V] / temperature and
-/// reference logits (an empty tensor for none; the KL is then 0), tokens [N] int64 in range: fp32 and bf16 logits on
-/// a CPU with AVX-512 take the kernels of core/softmax_stats.hpp (which also give the two log-sum-exps per row), others
-/// a row-chunk loop of torch's operators (`lse` and `ref_lse` left undefined).
+/// reference logits (an empty tensor for none; the KL is then 0 and `ref_logprob` undefined), tokens [N] int64 in
+/// range: fp32 and bf16 logits on a CPU with AVX-512 take the kernels of core/softmax_stats.hpp (which also give the
+/// two log-sum-exps per row), others a row-chunk loop of torch's operators (`lse` and `ref_lse` left undefined).
 inline SoftmaxRowStats token_stats_rows(const torch::Tensor& logits, const torch::Tensor& tokens,
                                         const torch::Tensor& ref_logits, double temperature) {
-  if (softmax_stats_kernels_apply(logits, ref_logits))
-    return softmax_stats_forward(logits, tokens, ref_logits, temperature);
-  const int64_t N = logits.size(0);
   const bool with_ref = ref_logits.numel() > 0;
+  if (softmax_stats_kernels_apply(logits, ref_logits)) {
+    auto st = softmax_stats_forward(logits, tokens, ref_logits, temperature);
+    if (with_ref)  // log q(token) = zr[token] - logsumexp(zr)
+      st.ref_logprob = ref_logits.gather(1, tokens.to(torch::kLong).unsqueeze(1)).squeeze(1).to(torch::kFloat)
+                           .div_(temperature)
+                           .sub_(st.ref_lse);
+    return st;
+  }
+  const int64_t N = logits.size(0);
   auto opts = logits.options().dtype(stats_dtype(logits.scalar_type()));
-  SoftmaxRowStats st{torch::empty({N}, opts), torch::empty({N}, opts), torch::zeros({N}, opts), {}, {}};
+  SoftmaxRowStats st{torch::empty({N}, opts), torch::empty({N}, opts), torch::zeros({N}, opts), {}, {}, {}};
+  if (with_ref) st.ref_logprob = torch::empty({N}, opts);
   for_each_chunk(logits, [&](int64_t s, int64_t n) {
     auto c = fused_chunk(logits, ref_logits, s, n, temperature);
-    st.logprob.narrow(0, s, n).copy_(c.logp.gather(-1, tokens.narrow(0, s, n).unsqueeze(-1)).squeeze(-1));
+    auto picked = tokens.narrow(0, s, n).unsqueeze(-1);
+    st.logprob.narrow(0, s, n).copy_(c.logp.gather(-1, picked).squeeze(-1));
     st.entropy.narrow(0, s, n).copy_(-(c.p * c.logp_finite).sum(-1));
-    if (with_ref) st.kl.narrow(0, s, n).copy_((c.p * (c.logp_finite - c.ref_logp_finite)).sum(-1));
+    if (!with_ref) return;
+    st.kl.narrow(0, s, n).copy_((c.p * (c.logp_finite - c.ref_logp_finite)).sum(-1));
+    st.ref_logprob.narrow(0, s, n).copy_(c.ref_logp.gather(-1, picked).squeeze(-1));
   });
   return st;
+}
+
+/// The outputs of the statistics nodes: log p(token), entropy and KL (differentiable), and log q(token) (not
+/// differentiable; an empty tensor without reference logits).
+inline torch::autograd::variable_list stats_outputs(torch::autograd::AutogradContext* ctx, SoftmaxRowStats& st) {
+  auto ref_logprob = st.ref_logprob.defined() ? st.ref_logprob : torch::empty({0}, st.logprob.options());
+  ctx->mark_non_differentiable({ref_logprob});
+  return {st.logprob, st.entropy, st.kl, ref_logprob};
 }
 
 /// The gradient [N, V] (the logits' dtype), written into `out` (which may be `logits` itself: each row chunk is read
@@ -257,7 +278,7 @@ struct FusedStatsFunction : public torch::autograd::Function<FusedStatsFunction>
     ctx->saved_data["temperature"] = temperature;
     auto st = token_stats_rows(logits, tokens, ref_logits, temperature);
     ctx->save_for_backward({logits, tokens, ref_logits, st.entropy, st.kl, st.lse, st.ref_lse});
-    return {st.logprob, st.entropy, st.kl};
+    return stats_outputs(ctx, st);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -309,6 +330,7 @@ struct PolicyTokenStats {
   torch::Tensor entropy;   ///< -sum_v p_v log p_v
   torch::Tensor kl;        ///< KL(p || q) = sum_v p_v (log p_v - log q_v), q = softmax(ref_logits / temperature);
                            ///< zeros without reference logits
+  torch::Tensor ref_logprobs;  ///< log q(token), not differentiable; undefined without reference logits
 };
 
 /// log p(token), the entropy of p and KL(p || q) per row of logits [..., V] (p = softmax(logits / temperature), q
@@ -316,8 +338,9 @@ struct PolicyTokenStats {
 /// with respect to `logits` (not `ref_logits`): under autograd the node keeps the logits and three numbers per row
 /// and writes the logits' gradient in closed form in the backward pass, so none of the [..., V] log-softmax,
 /// probabilities or their products exist beyond one chunk. Values and gradients equal gather_logprobs,
-/// entropy_from_logits and full_kl of logits / temperature. Entries with p = 0 (logit -inf) count as 0. Throws for
-/// mismatched shapes, a token id outside [0, V) or a non-positive temperature; no double backward.
+/// entropy_from_logits and full_kl of logits / temperature. With reference logits also log q(token)
+/// (`ref_logprobs`, no gradient), which the same pass over q gives. Entries with p = 0 (logit -inf) count as 0.
+/// Throws for mismatched shapes, a token id outside [0, V) or a non-positive temperature; no double backward.
 inline PolicyTokenStats policy_token_stats(const torch::Tensor& logits, const torch::Tensor& tokens,
                                            double temperature = 1.0, const torch::Tensor& ref_logits = {}) {
   if (!logits.defined() || logits.dim() < 1)
@@ -338,7 +361,8 @@ inline PolicyTokenStats policy_token_stats(const torch::Tensor& logits, const to
   auto ref = ref_logits.defined() ? ref_logits.detach().reshape({-1, V}) : torch::empty({0}, logits.options());
   auto out = detail::ppo_math::FusedStatsFunction::apply(rows, tokens.reshape({-1}).to(torch::kLong), ref,
                                                          temperature);
-  return {out[0].view(lead), out[1].view(lead), out[2].view(lead)};
+  return {out[0].view(lead), out[1].view(lead), out[2].view(lead),
+          ref_logits.defined() ? out[3].view(lead) : torch::Tensor()};
 }
 
 /// Log-probabilities of the tokens and entropies of the next-token distributions, [N] each.

@@ -38,7 +38,7 @@ struct ProjectedStatsFunction : public torch::autograd::Function<ProjectedStatsF
     ctx->saved_data["logits"] = logits;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["rows_dtype"] = static_cast<int64_t>(rows.scalar_type());
-    return {st.logprob, st.entropy, st.kl};
+    return stats_outputs(ctx, st);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -70,7 +70,8 @@ struct ProjectedStatsFunction : public torch::autograd::Function<ProjectedStatsF
 /// and the tied output projection `weight` [V, D] (GPT-2's wte; GPT2Impl::fusable_output_weight()) in one autograd
 /// node: log p(token), the entropy of p and KL(p || q), [...] each (fp32; double stays double), p =
 /// softmax(hidden weight^T / temperature), q the same of `ref_hidden` [..., D] through `ref_weight` [V, D] (both
-/// optional and never differentiated). The product runs as GPT2Impl::logits() runs it (bf16 under bf16 autocast).
+/// optional and never differentiated; with them also log q(token), `ref_logprobs`, without gradient). The product
+/// runs as GPT2Impl::logits() runs it (bf16 under bf16 autocast).
 ///
 /// Same values and gradients (to `hidden` and `weight`) as policy_token_stats(logits(hidden), ...), with less memory
 /// at the backward pass: the node keeps the logits (and the reference's) in the product's dtype and turns them into
@@ -111,7 +112,8 @@ inline PolicyTokenStats projected_token_stats(const torch::Tensor& hidden, const
   auto out = detail::ppo_math::ProjectedStatsFunction::apply(
       as_rows(hidden, weight), weight, tokens.reshape({-1}).to(torch::kLong), ref_rows,
       ref_hidden.defined() ? ref_weight.detach() : torch::empty({0}, weight.options()), temperature);
-  return {out[0].view(lead), out[1].view(lead), out[2].view(lead)};
+  return {out[0].view(lead), out[1].view(lead), out[2].view(lead),
+          ref_hidden.defined() ? out[3].view(lead) : torch::Tensor()};
 }
 
 }  // namespace rlhf

@@ -32,6 +32,7 @@ struct SoftmaxRowStats {
   torch::Tensor kl;       ///< sum_v p_v (log p_v - log q_v); zeros without reference logits
   torch::Tensor lse;      ///< logsumexp(z)
   torch::Tensor ref_lse;  ///< logsumexp(zr); zeros without reference logits
+  torch::Tensor ref_logprob;  ///< log q(token) (token_stats_rows); undefined without reference logits
 };
 
 /// Whether softmax_stats_forward / _backward take these operands: fp32 or bf16 logits [N, V] on a CPU with AVX-512

@@ -141,6 +141,7 @@ struct MinibatchTerms {
   ValueLossOutput vf;
   torch::Tensor entropy;  // masked mean
   torch::Tensor kl_term;  // full-vocabulary KL (KLPlacement::loss only)
+  torch::Tensor ref_logprobs;  // [mb, G] the reference's log-probs of the tokens (KLPlacement::loss only)
 };
 
 template <class KLCtl>
@@ -340,29 +341,36 @@ class PPOTrainer {
 
     // ---- reference, old log-probs and values (no gradients) ----
     // The old log-probs and values come from the sampling's forward passes (the policy, in eval mode, at the same
-    // positions), or from a second forward when recompute_old_logprobs is set.
+    // positions), or from a second forward when recompute_old_logprobs is set. With the KL in the loss the
+    // minibatches project the reference's rows anyway, and the first epoch's statistics give the reference's
+    // log-probs of the tokens (the same products, row by row): the reference stage then runs the reference forward
+    // alone, and the KL statistics follow the learning epochs.
     start = std::chrono::steady_clock::now();
+    const bool kl_in_loss = config_.kl_placement == KLPlacement::loss;
+    const int64_t chunk = config_.minibatch_size();
     torch::Tensor old_logprobs = gen.logprobs, ref_logprobs, ref_hidden;  // [B, G]
     {
       torch::NoGradGuard no_grad;
       AutocastScope autocast(config_.precision, device);
-      const int64_t chunk = config_.minibatch_size();
       policy_->eval();  // no dropout: an adapter policy's base is also the reference
       if (!from_rollout) {
         auto hidden = policy_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g);  // [B, G, D]
         old_values = policy_->values(hidden);                                            // [B, G]
         old_logprobs = detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk);
       }
-      std::tie(ref_hidden, ref_logprobs) = reference_logprobs(gen.ids, gen.attention_mask, tokens, p, chunk);
+      ref_hidden = reference_hidden(gen.ids, gen.attention_mask, p, g);
+      if (!kl_in_loss) ref_logprobs = reference_logprobs(ref_hidden, tokens, chunk);
     }
     synchronize(device);
     stats.seconds_reference = detail::seconds_since(start);
 
     // ---- rewards, KL shaping, advantages ----
-    torch::Tensor kl_tokens = kl_per_token(old_logprobs, ref_logprobs, config_.kl_estimator) * gen_mask;  // [B, G]
-    stats.kl = kl_tokens.sum(1).mean().item<double>();
     auto rewards = torch::zeros_like(old_logprobs);  // [B, G]
-    if (config_.kl_placement == KLPlacement::reward) rewards = rewards - stats.kl_coef * kl_tokens;
+    if (!kl_in_loss) {
+      torch::Tensor kl_tokens = kl_per_token(old_logprobs, ref_logprobs, config_.kl_estimator) * gen_mask;  // [B, G]
+      stats.kl = kl_tokens.sum(1).mean().item<double>();
+      rewards = rewards - stats.kl_coef * kl_tokens;
+    }
     auto last = (gen_mask.sum(1) - 1).clamp_min(0).to(torch::kLong).unsqueeze(1);  // [B, 1]: last generated token
     rewards.scatter_add_(1, last, scores.unsqueeze(1));
     Advantages adv = gae(rewards, old_values, gen_mask, config_.gamma, config_.lambda);
@@ -380,13 +388,24 @@ class PPOTrainer {
     const int64_t mbs = config_.minibatch_size();
     double sum_pg = 0, sum_vf = 0, sum_ent = 0, sum_clip = 0, sum_vclip = 0, sum_akl = 0, sum_kl = 0;
     bool stop = false;
+    torch::Tensor ref_seen;  // [B] bool: rows whose reference log-probs the first epoch gave (KL in the loss)
+    if (kl_in_loss) {
+      ref_logprobs = torch::zeros_like(old_logprobs);
+      ref_seen = torch::zeros({batch}, torch::dtype(torch::kBool).device(device));
+    }
     for (int64_t epoch = 0; epoch < config_.batches_per_learning_phase && !stop; ++epoch) {
       auto order = torch::randperm(batch, shuffle_, torch::TensorOptions().dtype(torch::kLong)).to(device);
       for (int64_t m = 0; m < config_.num_minibatches; ++m) {
         auto idx = order.narrow(0, m * mbs, mbs);
         step_callbacks_.begin([&] { return minibatch_info(rollout_data, idx, epoch * config_.num_minibatches + m); });
         detail::MinibatchTerms terms = minibatch_loss(rollout_data, idx, stats.kl_coef);
-        if (config_.kl_placement == KLPlacement::loss) sum_kl += terms.kl_term.item<double>();
+        if (kl_in_loss) {
+          sum_kl += terms.kl_term.item<double>();
+          if (epoch == 0) {
+            ref_logprobs.index_copy_(0, idx, terms.ref_logprobs.to(ref_logprobs.scalar_type()));
+            ref_seen.index_fill_(0, idx, true);
+          }
+        }
         optimizer_.zero_grad();
         terms.loss.backward();
         const double grad_norm =
@@ -408,7 +427,22 @@ class PPOTrainer {
         }
       }
     }
+    // The last update's gradients, dropped now as the next update's zero_grad() would drop them: the next phase's
+    // rollout then packs its weights and holds its KV cache in their memory (GPT-2 small: 484 MiB) instead of fresh
+    // pages.
+    optimizer_.zero_grad();
     policy_->eval();
+    if (kl_in_loss) {
+      // Rows an early stop kept from the first epoch are projected now.
+      auto missing = torch::nonzero(ref_seen.logical_not()).squeeze(1);
+      if (missing.numel() > 0)
+        ref_logprobs.index_copy_(0, missing,
+                                 reference_logprobs(ref_hidden.index_select(0, missing),
+                                                    tokens.index_select(0, missing), chunk)
+                                     .to(ref_logprobs.scalar_type()));
+      auto kl_tokens = kl_per_token(old_logprobs, ref_logprobs, config_.kl_estimator) * gen_mask;  // [B, G]
+      stats.kl = kl_tokens.sum(1).mean().item<double>();
+    }
     const double n = static_cast<double>(std::max<int64_t>(stats.updates, 1));
     stats.policy_loss = sum_pg / n;
     stats.value_loss = sum_vf / n;
@@ -454,6 +488,7 @@ class PPOTrainer {
     if (kl_in_loss) {
       t.kl_term = masked_mean(stats.kl, mask);
       t.loss = t.loss + kl_coef * t.kl_term;
+      t.ref_logprobs = stats.ref_logprobs;
     }
     return t;
   }
@@ -503,13 +538,18 @@ class PPOTrainer {
     }
   }
 
-  /// Reference final-layernorm outputs [B, G, D] at the positions predicting the G generated `tokens` [B, G] (the
-  /// prompt is `p` positions long), and their log-probs [B, G].
-  std::pair<torch::Tensor, torch::Tensor> reference_logprobs(const torch::Tensor& ids, const torch::Tensor& mask,
-                                                             const torch::Tensor& tokens, int64_t p, int64_t chunk) {
+  /// Reference final-layernorm outputs [B, G, D] at the G positions predicting the generated tokens (the prompt is
+  /// `p` positions long).
+  torch::Tensor reference_hidden(const torch::Tensor& ids, const torch::Tensor& mask, int64_t p, int64_t g) {
+    return with_reference(
+        [&](auto& reference) { return reference.forward(ids, mask).narrow(1, p - 1, g).contiguous(); });
+  }
+
+  /// The reference's log-probs [B, G] of `tokens` [B, G] from its final-layernorm outputs `hidden` [B, G, D],
+  /// `chunk` rows at a time.
+  torch::Tensor reference_logprobs(const torch::Tensor& hidden, const torch::Tensor& tokens, int64_t chunk) {
     return with_reference([&](auto& reference) {
-      auto hidden = reference.forward(ids, mask).narrow(1, p - 1, tokens.size(1)).contiguous();  // [B, G, D]
-      return std::pair{hidden, detail::chunked_logprobs(reference, hidden, tokens, config_.temperature, chunk)};
+      return detail::chunked_logprobs(reference, hidden, tokens, config_.temperature, chunk);
     });
   }
 
