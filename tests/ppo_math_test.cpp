@@ -416,6 +416,16 @@ TEST_CASE("ppo policy_token_stats: fp32 and bf16 logits against float64, with an
         CHECK(max_abs_diff(stats.logprobs, exact.logprobs) < 1e-5);
         CHECK(max_abs_diff(stats.entropy, exact.entropy) < 1e-5);
         CHECK(max_abs_diff(stats.kl, exact.kl) < 1e-5);
+        // log q(token), without gradient: log_softmax of the reference logits / temperature at the token
+        CHECK(stats.ref_logprobs.defined() == with_ref);
+        if (with_ref) {
+          CHECK_FALSE(stats.ref_logprobs.requires_grad());
+          CHECK(max_abs_diff(stats.ref_logprobs, exact.ref_logprobs) < 1e-5);
+          CHECK(max_abs_diff(exact.ref_logprobs,
+                             torch::log_softmax(ref.to(torch::kDouble) / temperature, -1)
+                                 .gather(-1, data.tokens.unsqueeze(-1))
+                                 .squeeze(-1)) < 1e-12);
+        }
         ((stats.logprobs * w_lp.to(torch::kFloat)).sum() + (stats.entropy * w_ent.to(torch::kFloat)).sum() +
          (stats.kl * w_kl.to(torch::kFloat)).sum())
             .backward();
@@ -515,6 +525,8 @@ TEST_CASE("ppo projected_token_stats: the statistics and gradients of policy_tok
         CHECK(max_abs_diff(fused.stats.entropy, plain.stats.entropy) == 0.0);
         CHECK(max_abs_diff(fused.stats.kl, plain.stats.kl) == 0.0);
         if (!with_ref) CHECK((fused.stats.kl == 0).all().item<bool>());
+        CHECK(fused.stats.ref_logprobs.defined() == with_ref);
+        if (with_ref) CHECK(max_abs_diff(fused.stats.ref_logprobs, plain.stats.ref_logprobs) == 0.0);
         // fp32, and bf16 on the kernels: the same gradient of the logits (the bf16 one rounded as the product's
         // packing rounds it) through the same products. bf16 without the kernels: torch's bf16 products on one
         // side, fp32 products of the bf16 gradient on the other.
