@@ -94,8 +94,11 @@ nlohmann::json memory_accounting(const rlhf::GPT2Config& c, const Args& a, bool 
   // Tensors autograd keeps per layer and token: fp32 keeps the layernorm inputs (2D), their outputs (2D), q/k/v
   // (3D), the attention output (D), the MLP's c_fc output and GELU output (8D) = 16D floats, plus the fp32
   // attention probabilities (H x T). Under bf16 autocast the layernorm inputs stay fp32 (8D bytes), the other 14D
-  // are bf16 (28D bytes) and the probabilities exist in fp32 and as their bf16 cast (6 H T bytes).
-  const double per_token_layer = bf16 ? 36 * d + 6 * h * t : 64 * d + 4 * h * t;
+  // are bf16 (28D bytes); the fused attention of the bf16 kernels keeps the probabilities in fp32 (4 H T bytes;
+  // rlhf/core/attention.hpp), torch's composition (where torch runs the bf16 products) in fp32 and as their bf16
+  // cast (6 H T bytes).
+  const double probabilities = (bf16 && autocast_copies ? 6 : 4) * h * t;
+  const double per_token_layer = (bf16 ? 36 * d : 64 * d) + probabilities;
   const double blocks = l * mb * t * per_token_layer;
   // Full-vocabulary tensors [mb, G, V]: the policy's logits and the reference's, kept by projected_token_stats in
   // the product's dtype (bf16 under autocast); their gradient overwrites the policy's logits, and the log-softmax,

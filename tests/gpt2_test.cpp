@@ -923,6 +923,88 @@ TEST_CASE("fused decode attention equals torch's operators") {
   rlhf::set_decode_kernels(true);
 }
 
+TEST_CASE("fused attention (core/attention.hpp): float64's attention of the bf16 inputs, forward and backward") {
+  const int64_t b = 3, t = 21, heads = 2, dh = 24, d = heads * dh;  // t past a 16-lane vector and an 8-row tile
+  torch::manual_seed(17);
+  auto qkv = torch::randn({b, t, 3 * d}).to(torch::kBFloat16);
+  // padded keys in rows 1 and 2 (left padding), the causal mask everywhere
+  auto mask = torch::ones({b, t}, torch::kLong);
+  mask[1].narrow(0, 0, 4).zero_();
+  mask[2].narrow(0, 0, 9).zero_();
+  const auto bias = rlhf::attention_bias(mask, 0, t, torch::kFloat);
+  const double scale = 0.2;
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512_bf16) {  // other CPUs: the module composes torch's operators
+    CHECK_FALSE(rlhf::fused_attention(qkv, bias, heads, scale).defined());
+    return;
+  }
+  // float64 of the same bf16 values; its gradient for the weights g of a loss sum(g out)
+  auto x64 = qkv.to(torch::kDouble).requires_grad_(true);
+  auto expected = rlhf::detail::composed_attention(x64, bias.to(torch::kDouble), heads, scale);
+  const auto g = torch::randn({b, t, d});
+  const auto expected_grad = torch::autograd::grad({expected}, {x64}, {g.to(torch::kDouble)}, true)[0];
+  // bf16 rounding of p and of the outputs: ~2^-8 relative
+  const auto close = [](const torch::Tensor& got, const torch::Tensor& want) {
+    return (got.to(torch::kDouble) - want).abs().max().item<double>() <= 1e-2 * want.abs().max().item<double>();
+  };
+  torch::Tensor without_graph;
+  {
+    torch::NoGradGuard no_grad;
+    without_graph = rlhf::fused_attention(qkv, bias, heads, scale);
+  }
+  REQUIRE(without_graph.defined());
+  CHECK((without_graph.scalar_type() == torch::kBFloat16));
+  CHECK(close(without_graph, expected.detach()));
+  auto x = qkv.clone().requires_grad_(true);
+  auto out = rlhf::fused_attention(x, bias, heads, scale);
+  REQUIRE(out.defined());
+  CHECK(out.grad_fn() != nullptr);
+  CHECK(torch::equal(out.detach(), without_graph));
+  auto grad = torch::autograd::grad({out}, {x}, {g.to(torch::kBFloat16)}, /*retain_graph=*/true)[0];
+  CHECK((grad.scalar_type() == torch::kBFloat16));
+  CHECK(close(grad, expected_grad));
+  // an fp32 output gradient reads the same
+  auto grad32 = torch::autograd::grad({out}, {x}, {g.to(torch::kBFloat16).to(torch::kFloat)}, true)[0];
+  CHECK(torch::equal(grad32, grad));
+  // create_graph: the composition's gradient, differentiable again (a second derivative along g)
+  auto first = torch::autograd::grad({out}, {x}, {g.to(torch::kBFloat16)}, true, /*create_graph=*/true)[0];
+  REQUIRE(first.requires_grad());
+  auto second = torch::autograd::grad({(first.to(torch::kFloat) * first.to(torch::kFloat)).sum()}, {x})[0];
+  auto first64 = torch::autograd::grad({expected}, {x64}, {g.to(torch::kDouble)}, true, true)[0];
+  auto second64 = torch::autograd::grad({(first64 * first64).sum()}, {x64})[0];
+  CHECK(close(second, second64));
+  // what it does not take: fp32 projections, a bias that wants a gradient, shapes that do not split into heads
+  CHECK_FALSE(rlhf::fused_attention(qkv.to(torch::kFloat), bias, heads, scale).defined());
+  CHECK_FALSE(rlhf::fused_attention(qkv, bias.clone().requires_grad_(true), heads, scale).defined());
+  CHECK_FALSE(rlhf::fused_attention(qkv, bias, 5, scale).defined());
+  CHECK_FALSE(rlhf::fused_attention(qkv.narrow(1, 0, 20), bias, heads, scale).defined());
+}
+
+TEST_CASE("GPT-2 under bf16 autocast: the fused attention's logits and gradients match torch's composition") {
+  if (rlhf::decode_isa() < rlhf::DecodeIsa::avx512_bf16) return;  // covered above: the composition runs there
+  RestoreDecodeIsa restore;
+  torch::manual_seed(19);
+  auto c = tiny_config();
+  c.n_embd = 32;
+  rlhf::GPT2<> model(c);
+  model->eval();
+  auto ids = torch::randint(0, 37, {2, 11}, torch::kLong);
+  auto mask = torch::ones({2, 11}, torch::kLong);
+  mask[0].narrow(0, 0, 3).zero_();
+  const auto run = [&] {
+    model->zero_grad();
+    rlhf::AutocastScope autocast(rlhf::Precision::bf16, torch::kCPU);
+    auto logits = model->logits(model->forward(ids, mask)).to(torch::kFloat);
+    logits.mul(torch::linspace(-1, 1, 37)).sum().backward();
+    const auto weight = model->named_parameters()["transformer.h.0.attn.c_attn.weight"];
+    return std::make_pair(logits.detach(), weight.grad().clone());
+  };
+  const auto [fused_logits, fused_grad] = run();
+  rlhf::set_decode_isa(rlhf::DecodeIsa::avx512);  // no bf16 kernels: torch's composition
+  const auto [torch_logits, torch_grad] = run();
+  CHECK((fused_logits - torch_logits).abs().max().item<float>() < 0.05 * torch_logits.abs().max().item<float>());
+  CHECK((fused_grad - torch_grad).abs().max().item<float>() < 0.05 * torch_grad.abs().max().item<float>());
+}
+
 TEST_CASE("column_sums: the fp32 column sums of fp32 and bf16 matrices, as torch's sum over rows") {
   torch::manual_seed(17);
   // Widths past the 128-column blocks and 16-wide vectors, split over threads or not; one row; no rows.

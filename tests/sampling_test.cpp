@@ -122,6 +122,50 @@ TEST_CASE("generate: top-p keeps the smallest set reaching p") {
   }
 }
 
+TEST_CASE("top_k_rows: the k largest of each row, as torch's topk") {
+  if (!rlhf::detail::avx512_supported()) return;  // the kernel's CPU; draw_token then takes torch's topk
+  torch::manual_seed(5);
+  // widths around the 16-lane vectors (tails of 1 .. 15), k from 1 to the whole row
+  for (int64_t n : {1, 7, 16, 17, 50, 333}) {
+    for (int64_t k : {int64_t{1}, std::min<int64_t>(n, 3), std::min<int64_t>(n, 10), n}) {
+      auto x = torch::randn({6, n});
+      auto top = rlhf::detail::top_k_rows(x, k);
+      REQUIRE(top.has_value());
+      auto [values, indices] = x.topk(k, -1, /*largest=*/true, /*sorted=*/true);
+      CHECK(torch::equal(top->first, values));
+      CHECK(torch::equal(top->second, indices));
+    }
+  }
+  // rising rows (every entry displaces the k-th), -inf entries (counted, as torch does) and ties (lower index first)
+  auto rising = torch::arange(1000, torch::kFloat).unsqueeze(0);
+  auto top = rlhf::detail::top_k_rows(rising, 5);
+  REQUIRE(top.has_value());
+  CHECK(torch::equal(top->second, torch::arange(999, 994, -1, torch::kLong).unsqueeze(0)));
+  const float inf = std::numeric_limits<float>::infinity();
+  auto masked = torch::tensor({{-inf, 2.0f, -inf, -inf, 1.0f, 2.0f}});
+  top = rlhf::detail::top_k_rows(masked, 4);
+  REQUIRE(top.has_value());
+  CHECK(torch::equal(top->first, torch::tensor({{2.0f, 2.0f, 1.0f, -inf}})));
+  CHECK(torch::equal(top->second, torch::tensor({{int64_t{1}, int64_t{5}, int64_t{4}, int64_t{0}}})));
+  // a NaN anywhere in a row: no answer (torch's topk ranks NaN first; draw_token defers to it)
+  for (int64_t at : {0, 2, 40}) {
+    auto x = torch::randn({3, 41});
+    x[1][at] = std::numeric_limits<float>::quiet_NaN();
+    CHECK_FALSE(rlhf::detail::top_k_rows(x, 3).has_value());
+  }
+  // operands the kernel does not take
+  CHECK_FALSE(rlhf::detail::top_k_rows(torch::randn({2, 30}).to(torch::kBFloat16), 3).has_value());
+  CHECK_FALSE(rlhf::detail::top_k_rows(torch::randn({30, 2}).t(), 3).has_value());
+  CHECK_FALSE(rlhf::detail::top_k_rows(torch::randn({2, 5}), 6).has_value());
+  // a batch large enough to be split among threads
+  auto big = torch::randn({40, 30000});
+  top = rlhf::detail::top_k_rows(big, 10);
+  REQUIRE(top.has_value());
+  auto [values, indices] = big.topk(10, -1);
+  CHECK(torch::equal(top->first, values));
+  CHECK(torch::equal(top->second, indices));
+}
+
 TEST_CASE("generate: stop at EOS") {
   auto model = sampling_model(10);
   auto prompts = torch::tensor({{1, 2}, {3, 4}, {5, 6}}, torch::kLong);

@@ -8,9 +8,9 @@
               weights, and fp32 weights under bf16 autocast)
   train-step  train_step_bench --no-lora against ppo_phase.py --mode train-step (fp32 and bf16 autocast)
 
---repeats N runs the generation and train-step pairs N times, library and eager alternating, and reports medians:
-each ratio is the median of the N library / eager ratios of adjacent runs, so a machine whose speed drifts during
-the comparison (shared cores) moves both sides of a pair alike.
+--repeats N runs each comparison N times, library and eager alternating, and reports medians: each ratio is the
+median of the N library / eager ratios of adjacent runs, so a machine whose speed drifts during the comparison
+(shared cores) moves both sides of a pair alike. The phase runs in N rounds of every precision and variant.
 
 Then the issue's targets, each with the measured value. Run it on an idle machine: every number is a wall-clock
 time on the same cores.
@@ -90,45 +90,57 @@ def ratio(a, b):
 
 
 def compare_phase(a, results):
+    """Runs the phase a.repeats times (each round: per precision the library, then each eager variant); returns
+    {precision: [library runs]} and {(variant, precision): [eager runs]}, round by round."""
     lib, eager = {}, {}
-    for precision in a.precision:
-        lib[precision] = run([os.path.join(a.build, "benchmarks", "ppo_phase"), "--shape", a.shape, "--precision",
-                              precision, "--threads", str(a.threads), "--device", a.device], a.wait_idle)
-        for variant in a.variant:
-            eager[(variant, precision)] = run([a.python, EAGER, "--mode", "phase", "--variant", variant, "--shape",
-                                               a.shape, "--precision", precision, "--threads", str(a.threads),
-                                               "--device", a.device], a.wait_idle)
+    for i in range(a.repeats):
+        if a.repeats > 1:
+            print(f"-- phase round {i + 1} of {a.repeats}")
+        for precision in a.precision:
+            lib.setdefault(precision, []).append(
+                run([os.path.join(a.build, "benchmarks", "ppo_phase"), "--shape", a.shape, "--precision", precision,
+                     "--threads", str(a.threads), "--device", a.device], a.wait_idle))
+            for variant in a.variant:
+                eager.setdefault((variant, precision), []).append(
+                    run([a.python, EAGER, "--mode", "phase", "--variant", variant, "--shape", a.shape, "--precision",
+                         precision, "--threads", str(a.threads), "--device", a.device], a.wait_idle))
     print("PPO phase: seconds per stage, eager / library, and x floor (floor from the library run's ceiling and "
-          "bandwidth)")
+          "bandwidth)" + (f"; medians of {a.repeats} rounds, each ratio the median of the rounds' ratios"
+                          if a.repeats > 1 else ""))
     table = []
+
+    def stage_of(result, stage):
+        return result["stages"][stage] if stage != "phase" else result["phase"]
+
     for precision in a.precision:
-        l = lib[precision]
+        runs = lib[precision]
         header = f"{precision:<5} {'stage':<11} {'library s':>10} {'x floor':>8}"
         for variant in a.variant:
             header += f" {variant + ' s':>10} {variant + '/lib':>9} {'x floor':>8}"
         print(header)
         for stage in STAGES + ("phase",):
-            ls = l["stages"][stage] if stage != "phase" else l["phase"]
-            floor = ls["floor_seconds"]
-            row = f"{precision:<5} {stage:<11} {ls['seconds']:>10.3f} {ratio(ls['seconds'], floor):>8.1f}"
-            entry = dict(precision=precision, stage=stage, library_seconds=ls["seconds"], floor_seconds=floor,
-                         library_peak_rss_mb=ls["peak_rss_mb"])
+            ls = [stage_of(r, stage) for r in runs]
+            seconds, floor = median_of([x["seconds"] for x in ls]), median_of([x["floor_seconds"] for x in ls])
+            row = f"{precision:<5} {stage:<11} {seconds:>10.3f} {ratio(seconds, floor):>8.1f}"
+            entry = dict(precision=precision, stage=stage, library_seconds=seconds, floor_seconds=floor,
+                         library_peak_rss_mb=max(x["peak_rss_mb"] for x in ls))
             for variant in a.variant:
-                e = eager[(variant, precision)]
-                es = e["stages"][stage] if stage != "phase" else e["phase"]
-                row += (f" {es['seconds']:>10.3f} {ratio(es['seconds'], ls['seconds']):>9.2f}"
-                        f" {ratio(es['seconds'], floor):>8.1f}")
-                entry[f"{variant}_seconds"] = es["seconds"]
-                entry[f"{variant}_over_library"] = ratio(es["seconds"], ls["seconds"])
-                entry[f"{variant}_peak_rss_mb"] = es["peak_rss_mb"]
+                es = [stage_of(r, stage) for r in eager[(variant, precision)]]
+                e_seconds = median_of([x["seconds"] for x in es])
+                over = median_of([ratio(e["seconds"], x["seconds"]) for e, x in zip(es, ls)])
+                row += f" {e_seconds:>10.3f} {over:>9.2f} {ratio(e_seconds, floor):>8.1f}"
+                entry[f"{variant}_seconds"] = e_seconds
+                entry[f"{variant}_over_library"] = over
+                entry[f"{variant}_peak_rss_mb"] = max(x["peak_rss_mb"] for x in es)
             print(row)
             table.append(entry)
-        peaks = f"{precision:<5} peak RSS MB: library {l['phase']['peak_rss_mb']:.0f} (bound " \
-                f"{l['memory']['bound_mb']:.0f})"
+        peaks = f"{precision:<5} peak RSS MB: library {max(r['phase']['peak_rss_mb'] for r in runs):.0f} (bound " \
+                f"{runs[0]['memory']['bound_mb']:.0f})"
         for variant in a.variant:
-            peaks += f", {variant} {eager[(variant, precision)]['phase']['peak_rss_mb']:.0f}"
+            peaks += f", {variant} {max(r['phase']['peak_rss_mb'] for r in eager[(variant, precision)]):.0f}"
         print(peaks + "\n")
-    results["phase"] = dict(library=lib, eager={f"{v}-{p}": r for (v, p), r in eager.items()}, table=table)
+    results["phase"] = dict(repeats=a.repeats, library=lib, eager={f"{v}-{p}": r for (v, p), r in eager.items()},
+                            table=table)
     return lib, eager
 
 
@@ -226,24 +238,29 @@ def targets(a, results, phase, generation, train_step):
 
     print("Targets")
     if phase:
-        lib, eager = phase
+        lib, eager = phase  # lists of runs, round by round
+
+        def speedup(eager_runs, lib_runs):  # the median of the rounds' ratios
+            return median_of([ratio(e["phase"]["seconds"], x["phase"]["seconds"])
+                              for e, x in zip(eager_runs, lib_runs)])
+
         # the library's default precision (auto) as ppo_phase resolves it on this device: bf16 where it computes
         # bf16 products natively, else fp32
-        default = next(iter(lib.values())).get("default_precision", "fp32") if lib else "fp32"
+        default = next(iter(lib.values()))[0].get("default_precision", "fp32") if lib else "fp32"
         if default in lib and ("seed", "fp32") in eager:
-            r = ratio(eager[("seed", "fp32")]["phase"]["seconds"], lib[default]["phase"]["seconds"])
+            r = speedup(eager[("seed", "fp32")], lib[default])
             check(f"phase, library {default} (its default here) vs seed-style eager fp32, speed-up", r, ">= 5", r >= 5)
         for p in lib:
             if ("lean", p) in eager:
-                r = ratio(eager[("lean", p)]["phase"]["seconds"], lib[p]["phase"]["seconds"])
+                r = speedup(eager[("lean", p)], lib[p])
                 check(f"phase, library vs lean eager, both {p}, speed-up", r, ">= 1.5", r >= 1.5)
-            m = lib[p]["memory"]
-            check(f"phase {p} peak RSS / accounted bound", m["peak_rss_mb"] / m["bound_mb"], "<= 1",
-                  m["peak_rss_mb"] <= m["bound_mb"])
-            check(f"phase {p} measured / floor", lib[p]["phase"]["x_floor"], "as low as possible", True)
+            worst = max(x["memory"]["peak_rss_mb"] / x["memory"]["bound_mb"] for x in lib[p])
+            check(f"phase {p} peak RSS / accounted bound (the largest of the rounds)", worst, "<= 1", worst <= 1)
+            check(f"phase {p} measured / floor", median_of([x["phase"]["x_floor"] for x in lib[p]]),
+                  "as low as possible", True)
     ceiling_bf16 = None
     if phase:
-        ceiling_bf16 = next(iter(phase[0].values()))["ceiling_tflops"]["bf16"]
+        ceiling_bf16 = next(iter(phase[0].values()))[0]["ceiling_tflops"]["bf16"]
     if train_step and ceiling_bf16:
         bf16 = next((r for r in train_step if r["precision"] == "bf16"), None)
         if bf16:
@@ -277,8 +294,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32, metavar="N",
                    help="tokens generated per prompt in the sampling comparison (more: longer, steadier runs)")
     p.add_argument("--repeats", type=int, default=1, metavar="N",
-                   help="run the generation and train-step comparisons N times, library and eager alternating, "
-                        "and report medians")
+                   help="run every comparison N times, library and eager alternating, and report medians")
     a = p.parse_args()
     if a.repeats < 1:
         p.error("--repeats must be at least 1")

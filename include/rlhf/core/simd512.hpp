@@ -85,6 +85,11 @@ RLHF_AVX512_TARGET inline __m512 exp_nonpositive(__m512 y) {
   return _mm512_maskz_scalef_ps(all16, p, n);
 }
 
+/// Lanes of d above -87 (the others, -inf and NaN among them, have probability 0), within the first `count`.
+RLHF_AVX512_TARGET inline __mmask16 live_lanes(__m512 d, int64_t count) {
+  return _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_GT_OQ) & lanes_below(count);
+}
+
 #endif
 
 /// Whether the element-wise kernels take `x`: an fp32 or bf16 CPU tensor, a CPU with AVX-512 F, BW and VL, and the

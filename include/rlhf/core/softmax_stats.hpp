@@ -86,11 +86,6 @@ RLHF_AVX512_TARGET inline float row_max(const T* x, int64_t V) {
   return *std::max_element(lanes, lanes + 16);
 }
 
-/// Lanes of d above -87 (the others, -inf and NaN among them, have probability 0), within the first `count`.
-RLHF_AVX512_TARGET inline __mmask16 live_lanes(__m512 d, int64_t count) {
-  return _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_GT_OQ) & lanes_below(count);
-}
-
 /// The statistics of rows [r0, r1) of x [N, V] (and ref, null without reference logits), z = x * inv_t.
 template <class T>
 RLHF_AVX512_TARGET void softmax_stats_rows(const T* x, const T* ref, const int64_t* tokens, int64_t V, float inv_t,

@@ -12,6 +12,7 @@
 
 #include <rlhf/core/small_matmul.hpp>
 #include <rlhf/core/softmax_stats.hpp>
+#include <rlhf/core/top_k.hpp>
 #include <rlhf/detail/error.hpp>
 #include <rlhf/model/kv_cache.hpp>
 
@@ -76,7 +77,10 @@ inline std::pair<torch::Tensor, torch::Tensor> draw_token(const torch::Tensor& s
   const int64_t vocab = scaled.size(-1);
   torch::Tensor values, indices;  // candidates [B, K], sorted descending when truncating
   if (top_k > 0 && top_k < vocab) {
-    std::tie(values, indices) = scaled.topk(top_k, -1, /*largest=*/true, /*sorted=*/true);
+    if (auto top = top_k_rows(scaled, top_k))  // core/top_k.hpp: one pass per row
+      std::tie(values, indices) = *top;
+    else
+      std::tie(values, indices) = scaled.topk(top_k, -1, /*largest=*/true, /*sorted=*/true);
   } else if (top_p < 1.0) {
     std::tie(values, indices) = scaled.sort(-1, /*descending=*/true);
   } else {

@@ -16,6 +16,7 @@
 #include <rlhf/adapters/adapter.hpp>
 #include <rlhf/adapters/lora.hpp>
 #include <rlhf/adapters/no_adapter.hpp>
+#include <rlhf/core/attention.hpp>
 #include <rlhf/core/decode_attention.hpp>
 #include <rlhf/core/gelu.hpp>
 #include <rlhf/core/gemm.hpp>
@@ -116,9 +117,14 @@ class GPT2AttentionImpl : public torch::nn::Module {
   /// x: [B, T, D]; bias: [B, 1, T, S] from attention_bias(); cache: keys/values of earlier positions (or null).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& bias, KVCache* cache, int64_t layer) {
     const int64_t b = x.size(0), t = x.size(1), d = x.size(2);
+    const auto projected = c_attn(x);  // [B, T, 3D]
+    if (!cache && !(is_training() && attn_pdrop_ > 0)) {
+      // whole sequences (learning updates, the reference's forward): the fused kernels where they apply
+      if (auto out = fused_attention(projected, bias, n_head_, scale_); out.defined()) return c_proj(out);
+    }
     // unbind, not three selects: its backward stacks the three gradients, where each select's would zero-fill a
     // gradient of all of qkv and the three would then be added (~65 ms of a bf16 PPO phase's learning updates)
-    const auto qkv = c_attn(x).view({b, t, 3, n_head_, d_head_}).permute({2, 0, 3, 1, 4}).unbind(0);  // [B, H, T, Dh]
+    const auto qkv = projected.view({b, t, 3, n_head_, d_head_}).permute({2, 0, 3, 1, 4}).unbind(0);  // [B, H, T, Dh]
     auto q = qkv[0], k = qkv[1], v = qkv[2];
     if (cache) std::tie(k, v) = cache->append(layer, k, v);  // [B, H, S, Dh]
     torch::Tensor out;                                        // [B, H, T, Dh]
