@@ -1,7 +1,7 @@
 #pragma once
 /// @file The k largest logits of each row in one AVX-512 pass, for top-k sampling on the CPU. Each decoding step of
 /// a PPO rollout draws from the 10 most likely of 50257 tokens per row; LibTorch 1.13's topk took ~0.9 ms of a ~25 ms
-/// step at batch 32 (GPT-2 small, two threads), one pass here takes ~0.05 ms: sixteen logits are compared at a time
+/// step at batch 32 (GPT-2 small, two threads), one pass here takes ~0.12 ms: sixteen logits are compared at a time
 /// with the row's k-th largest so far, and the few that beat it are inserted into a sorted list of k.
 
 #include <atomic>
