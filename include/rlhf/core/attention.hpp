@@ -102,11 +102,15 @@ inline bool fused_attention_applies(const torch::Tensor& qkv, const torch::Tenso
   return (bias.size(0) == b || bias.size(0) == 1) && bias.size(1) == 1 && bias.size(2) == t && bias.size(3) == t;
 }
 
-/// The forward: out [B, T, D] bf16 and, when `p` is defined, the probabilities [B, H, T, T] fp32 (for the backward).
-inline void fused_attention_forward(const torch::Tensor& qkv, const torch::Tensor& bias, int64_t n_head,
-                                    double scale, torch::Tensor& out, torch::Tensor& p) {
-#if defined(__GNUC__) && defined(__x86_64__)
+/// The forward: returns out [B, T, D] bf16 and, with `p`, sets *p to the probabilities [B, H, T, T] fp32 (for the
+/// backward).
+inline torch::Tensor fused_attention_forward(const torch::Tensor& qkv, const torch::Tensor& bias, int64_t n_head,
+                                             double scale, torch::Tensor* probabilities = nullptr) {
   const int64_t batch = qkv.size(0), t = qkv.size(1), d = qkv.size(2) / 3, dh = d / n_head;
+  auto out = torch::empty({batch, t, d}, qkv.options());
+  torch::Tensor p;
+  if (probabilities) *probabilities = p = torch::empty({batch, n_head, t, t}, qkv.options().dtype(torch::kFloat));
+#if defined(__GNUC__) && defined(__x86_64__)
   auto* out_data = static_cast<uint16_t*>(out.data_ptr());
   float* p_data = p.defined() ? p.data_ptr<float>() : nullptr;
   const float* bias_data = bias.data_ptr<float>();
@@ -127,9 +131,10 @@ inline void fused_attention_forward(const torch::Tensor& qkv, const torch::Tenso
     }
   });
 #else
-  (void)qkv, (void)bias, (void)n_head, (void)scale, (void)out, (void)p;
+  (void)bias, (void)scale, (void)dh;
   fail("fused_attention_forward: built without the x86-64 kernels");
 #endif
+  return out;
 }
 
 /// The attention of fused_attention() composed of torch's operators (the module's own formula): for the double
@@ -149,10 +154,8 @@ inline torch::Tensor composed_attention(const torch::Tensor& qkv, const torch::T
 struct FusedAttentionFunction : torch::autograd::Function<FusedAttentionFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv,
                                const torch::Tensor& bias, int64_t n_head, double scale) {
-    const int64_t b = qkv.size(0), t = qkv.size(1), d = qkv.size(2) / 3;
-    auto out = torch::empty({b, t, d}, qkv.options());
-    auto p = torch::empty({b, n_head, t, t}, qkv.options().dtype(torch::kFloat));
-    fused_attention_forward(qkv, bias, n_head, scale, out, p);
+    torch::Tensor p;
+    auto out = fused_attention_forward(qkv, bias, n_head, scale, &p);
     ctx->save_for_backward({qkv, bias, p});
     ctx->saved_data["n_head"] = n_head;
     ctx->saved_data["scale"] = scale;
@@ -231,11 +234,7 @@ inline torch::Tensor fused_attention(const torch::Tensor& qkv, const torch::Tens
   const auto bias_rows = bias.stride(3) == 1 ? bias : bias.contiguous();
   if (torch::GradMode::is_enabled() && qkv.requires_grad())
     return detail::FusedAttentionFunction::apply(qkv, bias_rows, n_head, scale);
-  const int64_t b = qkv.size(0), t = qkv.size(1), d = qkv.size(2) / 3;
-  auto out = torch::empty({b, t, d}, qkv.options());
-  torch::Tensor no_probs;
-  detail::fused_attention_forward(qkv, bias_rows, n_head, scale, out, no_probs);
-  return out;
+  return detail::fused_attention_forward(qkv, bias_rows, n_head, scale);
 }
 
 }  // namespace rlhf

@@ -510,9 +510,6 @@ inline torch::Tensor gemm_bf16_addmm(const torch::Tensor& bias, const torch::Ten
   auto bias_c = bias.defined() ? bias.to(torch::kFloat).contiguous() : torch::Tensor();
   if (k == 0) return bias_c.defined() ? result.copy_(bias_c.expand({m, n})) : result.zero_();
   const bool rounded = dtype == torch::kBFloat16;
-  // A bf16 result whose k spans several blocks keeps its partial sums in fp32 until the last block.
-  auto sums = !rounded ? result : k > detail::kGemmKcBf16 ? torch::empty({m, n}, a.options().dtype(torch::kFloat))
-                                                          : torch::Tensor();
   const detail::PairSource pa{a.data_ptr(), a.stride(0), a.stride(1), a.scalar_type() == torch::kBFloat16};
   const detail::PairSource pb{b.data_ptr(), b.stride(0), b.stride(1), b.scalar_type() == torch::kBFloat16};
   const float* bias_p = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
@@ -535,9 +532,11 @@ inline torch::Tensor gemm_bf16_addmm(const torch::Tensor& bias, const torch::Ten
       sb.data = static_cast<const char*>(pb.data) + k0 * pb.row_stride * element_size(pb);
       detail::gemm_bf16_block(sa, sb, thread == 0 ? bias_p : nullptr, c, n, nullptr, n, k1 - k0, 0, m, 0, n);
     });
-    auto total = partial.sum(0);
-    return rounded ? result.copy_(total) : total;
+    return rounded ? result.copy_(partial.sum(0)) : torch::sum_out(result, partial, {0});
   }
+  // A bf16 result whose k spans several blocks keeps its partial sums in fp32 until the last block.
+  auto sums = !rounded ? result : k > detail::kGemmKcBf16 ? torch::empty({m, n}, a.options().dtype(torch::kFloat))
+                                                          : torch::Tensor();
   float* c = sums.defined() ? sums.data_ptr<float>() : nullptr;
   auto* out = rounded ? static_cast<uint16_t*>(result.data_ptr()) : nullptr;
   detail::gemm_threads(m, n, k, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
