@@ -46,7 +46,7 @@ RLHF_AVX512_TARGET inline void attention_softmax_row(const float* s, const float
     store_part(p + j, x, count);
     top = _mm512_mask_max_ps(top, lanes_below(count), top, x);
   }
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  const __m512 m = _mm512_set1_ps(lanes_max(top));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const int64_t count = std::min<int64_t>(16, n - j);
@@ -55,7 +55,7 @@ RLHF_AVX512_TARGET inline void attention_softmax_row(const float* s, const float
     store_part(p + j, e, count);
     sum = _mm512_add_ps(sum, e);
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  const __m512 inv = _mm512_set1_ps(1.0f / lanes_sum(sum));
   for (int64_t j = 0; j < n; j += 16) {
     const int64_t count = std::min<int64_t>(16, n - j);
     store_part(p + j, _mm512_mul_ps(load_part(p + j, count), inv), count);
@@ -69,7 +69,7 @@ RLHF_AVX512_TARGET inline void attention_softmax_backward_row(const float* p, fl
     const int64_t count = std::min<int64_t>(16, n - j);
     dot = _mm512_fmadd_ps(load_part(p + j, count), load_part(dp + j, count), dot);
   }
-  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), s = _mm512_set1_ps(scale);
+  const __m512 total = _mm512_set1_ps(lanes_sum(dot)), s = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n; j += 16) {
     const int64_t count = std::min<int64_t>(16, n - j);
     const __m512 g = _mm512_mul_ps(load_part(p + j, count), _mm512_sub_ps(load_part(dp + j, count), total));

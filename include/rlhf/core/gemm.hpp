@@ -322,9 +322,12 @@ RLHF_GEMM_BF16_TARGET inline void gemm_pack_pairs(const void* data, bool bf16, i
   // Full blocks in registers: lines [0, vector_lines) x pairs [0, vector_pairs); the rest below, a word at a time.
   const int64_t vector_lines = along || across ? lines / 16 * 16 : 0, vector_pairs = along ? kc / 32 * 16 : kc / 2;
   if (across)  // the lines contiguous: each pair of rows of k interleaved, read front to back
-    for (int64_t i = 0; i < vector_pairs; ++i)
+    for (int64_t i = 0; i < vector_pairs; ++i) {
+      if (const int64_t ahead = i + kPackPairsAhead; ahead < vector_pairs)  // rows a matrix row apart: see the constant
+        prefetch_row_pair(at(0, 2 * ahead), at(0, 2 * ahead + 1), vector_lines * size);
       for (int64_t l = 0; l < vector_lines; l += 16)
         gemm_store_pairs16(out, kcp, width, l, i, gemm_pairs_across(at(l, 2 * i), at(l, 2 * i + 1), bf16));
+    }
   alignas(64) uint32_t block[16 * 16], turned[16 * 16];
   if (along)  // k contiguous: 16 words along each of 16 lines, the block of words then transposed
     for (int64_t l = 0; l < vector_lines; l += 16)

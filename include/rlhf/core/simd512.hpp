@@ -49,6 +49,21 @@ RLHF_AVX512_TARGET inline __m512 load_part(const uint16_t* p, int64_t count) {
   return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all16, _mm512_maskz_cvtepu16_epi32(all16, half), 16));
 }
 
+/// The largest of the 16 lanes (for lanes without NaN) and their sum, through memory: GCC 12's _mm512_reduce_max_ps
+/// and _mm512_reduce_add_ps use unmasked shuffles that -Wmaybe-uninitialized reports.
+RLHF_AVX512_TARGET inline float lanes_max(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  return *std::max_element(lanes, lanes + 16);
+}
+RLHF_AVX512_TARGET inline float lanes_sum(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  float total = 0;
+  for (float lane : lanes) total += lane;
+  return total;
+}
+
 /// 16 floats rounded to bf16 (to nearest even; NaN stays NaN), stored.
 RLHF_AVX512_TARGET inline void store_bf16x16(uint16_t* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtepi32_epi16(all16, round_bf16_lanes(v)));

@@ -549,13 +549,36 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512i round_bf16_lanes(__m5
   return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
+/// Pairs of rows ahead that the packing of a matrix read row by row across its columns (pack_pairs_from_fp32,
+/// gemm_pack_pairs) requests: its rows lie a whole row apart (9 KB for a 768 x 2304 fp32 weight), farther than the
+/// hardware prefetchers follow, so each row's few cache lines were waited for. A 768 x 2304 fp32 weight packed into
+/// 48-column panels took 0.35 ns per element without, 0.23 with (one thread, weights not in cache; 8 pairs ahead 0.26,
+/// 24 pairs 0.24).
+inline constexpr int64_t kPackPairsAhead = 16;
+
+/// Requests the cache lines of the `bytes` bytes at `lo` and of those at `hi` (two rows of a matrix).
+inline void prefetch_row_pair(const char* lo, const char* hi, int64_t bytes) {
+  const auto lines = [](const char* p, int64_t n) {
+    const auto first = reinterpret_cast<uintptr_t>(p) / 64, last = (reinterpret_cast<uintptr_t>(p) + n - 1) / 64;
+    return std::pair{first, last};
+  };
+  if (bytes <= 0) return;
+  for (const char* row : {lo, hi}) {
+    const auto [first, last] = lines(row, bytes);
+    for (auto line = first; line <= last; ++line) _mm_prefetch(reinterpret_cast<const char*>(line * 64), _MM_HINT_T0);
+  }
+}
+
 /// Columns [c0, c0 + cols) of a panel of pack_bf16_pairs(w, false) for fp32 `w` [k, n] (row-major), written straight
 /// from fp32: pair i of column c is (w[2i, c], w[2i + 1, c]) rounded to bf16, a zero second half past k. `panel`
 /// points at the panel's pair (0, 0), `width` pairs per panel row; columns past `cols` are left untouched.
 __attribute__((target("avx512f,avx512bw"))) inline void pack_pairs_from_fp32(const float* w, int64_t k, int64_t n,
                                                                             int64_t c0, int64_t cols,
                                                                             uint32_t* panel, int64_t width) {
-  for (int64_t kk = 0; kk < k; kk += 2)
+  for (int64_t kk = 0; kk < k; kk += 2) {
+    if (const int64_t ahead = kk + 2 * kPackPairsAhead; ahead + 1 < k)
+      prefetch_row_pair(reinterpret_cast<const char*>(w + ahead * n + c0),
+                        reinterpret_cast<const char*>(w + (ahead + 1) * n + c0), cols * 4);
     for (int64_t c = 0; c < cols; c += 16) {
       const __mmask16 mask = lanes_below(std::min<int64_t>(16, cols - c));
       const float* top = w + kk * n + c0 + c;
@@ -564,6 +587,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void pack_pairs_from_fp32(con
       _mm512_mask_storeu_epi32(panel + kk / 2 * width + c, mask,
                                _mm512_or_si512(lo, _mm512_maskz_slli_epi32(0xFFFF, hi, 16)));
     }
+  }
 }
 
 /// Rows [r0, r0 + rows) of fp32 `w` [n, k] (row-major) as a panel of pack_bf16_pairs(w, true): pair i of panel

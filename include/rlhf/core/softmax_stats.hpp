@@ -81,9 +81,7 @@ RLHF_AVX512_TARGET inline float row_max(const T* x, int64_t V) {
     m0 = _mm512_maskz_max_ps(all16, m0, a);
   }
   if (nan) return std::numeric_limits<float>::quiet_NaN();
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, _mm512_maskz_max_ps(all16, m0, m1));
-  return *std::max_element(lanes, lanes + 16);
+  return lanes_max(_mm512_maskz_max_ps(all16, m0, m1));
 }
 
 /// The statistics of rows [r0, r1) of x [N, V] (and ref, null without reference logits), z = x * inv_t.
