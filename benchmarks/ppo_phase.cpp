@@ -57,14 +57,16 @@ int64_t numel(const std::vector<torch::Tensor>& params) {
 //   generation: the prompt forward (B x P tokens, context P), G - 1 one-token forwards (context P + 1 ... P + G - 1),
 //               the vocabulary projection and the value head of the last position at each of the G steps: the
 //               policy's old log-probs and values need no other forward.
-//   reference:  the reference forward over B x T tokens. Its log-probs of the G generated positions (for the KL
-//               statistic) come from the training's projections of the same rows (below), which the KL term in the
-//               loss needs anyway. (A second policy forward for the old log-probs, as the seed notebook and
-//               --recompute-old-logprobs run, is work the phase does not need and is not counted.)
+//   reference:  the reference forward over B x (T - 1) tokens: the last token predicts no generated token, and
+//               the causal attention leaves the other positions as they are without it. Its log-probs of the G
+//               generated positions (for the KL statistic) come from the training's projections of the same rows
+//               (below), which the KL term in the loss needs anyway. (A second policy forward for the old log-probs,
+//               as the seed notebook and --recompute-old-logprobs run, is work the phase does not need and is not
+//               counted.)
 //   reward:     none (a text function).
-//   training:   per update, forward + backward (3x the forward) of the policy over mb x T tokens, the value head and
-//               the vocabulary projection at mb x G positions, plus the reference vocabulary projection of the same
-//               positions for the full-vocabulary KL term (forward only).
+//   training:   per update, forward + backward (3x the forward) of the policy over mb x (T - 1) tokens, the value
+//               head and the vocabulary projection at mb x G positions, plus the reference vocabulary projection of
+//               the same positions for the full-vocabulary KL term (forward only).
 struct StageFlops {
   double generation = 0, reference = 0, training = 0;
 };
@@ -75,9 +77,9 @@ StageFlops phase_flops(const rlhf::GPT2Config& c, const Args& a) {
   StageFlops f;
   f.generation = bench::block_flops(c, b * p, p) + bench::vocab_flops(c, b * g) + bench::value_head_flops(c, b * g);
   for (int64_t s = 1; s < a.new_tokens; ++s) f.generation += bench::block_flops(c, b, p + s);
-  f.reference = bench::block_flops(c, b * t, t);
-  const double forward =
-      bench::block_flops(c, mb * t, t) + bench::value_head_flops(c, mb * g) + bench::vocab_flops(c, mb * g);
+  f.reference = bench::block_flops(c, b * (t - 1), t - 1);
+  const double forward = bench::block_flops(c, mb * (t - 1), t - 1) + bench::value_head_flops(c, mb * g) +
+                         bench::vocab_flops(c, mb * g);
   f.training = updates * (3 * forward + bench::vocab_flops(c, mb * g));
   return f;
 }
@@ -268,6 +270,9 @@ int main(int argc, char** argv) {
     auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0).to(device);  // [1, P]
     rlhf::SamplingConfig sampling{.max_new_tokens = a.new_tokens, .seed = a.seed};
     rlhf::AutocastScope autocast(config.precision, device);
+    // As an interactive program samples: the weights packed for the decode kernels once, kept between calls (the
+    // floor counts the bytes each token reads; the warm-up call packs them)
+    rlhf::DecodePackScope packs;
     rlhf::generate(*policy->base, ids, {}, {.max_new_tokens = 2, .seed = a.seed});  // warm-up
     rlhf::synchronize(device);
     const auto start = std::chrono::steady_clock::now();

@@ -198,3 +198,36 @@ TEST_CASE("generate: stop at EOS") {
   CHECK_THROWS_WITH_AS(rlhf::generate(*model, prompts, {}, {.top_p = 0.0}),
                        "SamplingConfig: top_p must be in (0, 1], got 0", rlhf::Error);
 }
+
+TEST_CASE("generate packs the weights once per call, or once while the caller keeps a DecodePackScope open") {
+  auto model = sampling_model(12);
+  auto ids = torch::randint(0, 29, {2, 4}, torch::kLong);
+  rlhf::AutocastScope autocast(rlhf::Precision::bf16, torch::kCPU);
+  const rlhf::SamplingConfig sampling{.max_new_tokens = 3, .seed = 5};
+  const auto& w = model->transformer->blocks[0]->attn->c_attn->weight;
+  const bool bf16_kernels = rlhf::decode_isa() >= rlhf::DecodeIsa::avx512_bf16;
+  const auto alone = rlhf::generate(*model, ids, {}, sampling);  // its own scope, closed on return
+  CHECK_FALSE(rlhf::DecodePackScope::active());
+  rlhf::Generation changed;
+  {
+    rlhf::DecodePackScope packs;
+    const auto first = rlhf::generate(*model, ids, {}, sampling);
+    const int64_t bytes = packs.bytes();
+    CHECK((bytes > 0) == bf16_kernels);  // the call packed into the open scope
+    const void* packed = bf16_kernels ? packs.pairs(w, false).data_ptr() : nullptr;
+    const auto second = rlhf::generate(*model, ids, {}, sampling);
+    CHECK(packs.bytes() == bytes);
+    if (bf16_kernels) CHECK(packs.pairs(w, false).data_ptr() == packed);  // not packed again
+    for (const auto* g : {&first, &second}) {
+      CHECK(torch::equal(g->ids, alone.ids));
+      CHECK(torch::equal(g->logprobs, alone.logprobs));
+    }
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.mul_(1.5);  // changed in place: packed again
+    changed = rlhf::generate(*model, ids, {}, sampling);
+  }
+  const auto fresh = rlhf::generate(*model, ids, {}, sampling);
+  CHECK_FALSE(torch::equal(fresh.logprobs, alone.logprobs));
+  CHECK(torch::equal(changed.ids, fresh.ids));
+  CHECK(torch::equal(changed.logprobs, fresh.logprobs));
+}

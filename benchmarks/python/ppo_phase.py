@@ -510,8 +510,10 @@ def stage_flops(shape, a):
         return 2.0 * positions * (4 * d * d + 4 * d)
 
     generation = blocks(b * p, p) + vocab(b * g) + head(b * g) + sum(blocks(b, p + s) for s in range(1, g))
-    reference = blocks(b * t, t)  # the reference's log-probs come from the training's projections of its rows
-    forward = blocks(mb * t, t) + head(mb * g) + vocab(mb * g)
+    # the last token predicts no generated token: the forwards the phase needs cover T - 1 positions; the reference's
+    # log-probs come from the training's projections of its rows
+    reference = blocks(b * (t - 1), t - 1)
+    forward = blocks(mb * (t - 1), t - 1) + head(mb * g) + vocab(mb * g)
     return dict(generation=generation, reward=0.0, reference=reference,
                 training=updates * (3 * forward + vocab(mb * g)))
 

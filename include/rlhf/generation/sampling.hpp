@@ -139,7 +139,10 @@ Generation generate(Model& model, const torch::Tensor& prompt_ids, torch::Tensor
   const bool was_training = model.is_training();
   model.eval();
   c10::InferenceMode inference;
-  DecodePackScope packs;  // bf16 products (autocast or bf16 weights) on the AVX512-BF16 kernels, each weight packed once
+  // bf16 products (autocast or bf16 weights) on the AVX512-BF16 kernels: each weight packed once per call, or once
+  // for as long as the caller keeps a DecodePackScope open (a weight changed in place is packed again)
+  std::optional<DecodePackScope> packs;
+  if (!DecodePackScope::active()) packs.emplace();
   const auto device = prompt_ids.device();
   const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(device);
 

@@ -126,6 +126,16 @@ torch::Tensor chunked_logprobs(Base& base, const torch::Tensor& hidden, const to
   return torch::cat(parts, 0);
 }
 
+/// `model`'s final-layernorm outputs [B, G, D] at the G positions that predict the generated tokens of `ids`
+/// [B, P + G] (`mask` alike). The last token predicts none of them, so the forward leaves it out: causal attention
+/// keeps every other position as it was, and 1/(P + G) of the forward's work is saved.
+template <class Model>
+torch::Tensor response_hidden(Model& model, const torch::Tensor& ids, const torch::Tensor& mask, int64_t p,
+                              int64_t g) {
+  const int64_t t = p + g - 1;
+  return model.forward(ids.narrow(1, 0, t), mask.narrow(1, 0, t)).narrow(1, p - 1, g);
+}
+
 /// What the learning epochs need of a phase's rollout (all [B, ...], on the policy's device).
 struct RolloutData {
   torch::Tensor ids, attention_mask;  // [B, P + G]
@@ -354,8 +364,8 @@ class PPOTrainer {
       AutocastScope autocast(config_.precision, device);
       policy_->eval();  // no dropout: an adapter policy's base is also the reference
       if (!from_rollout) {
-        auto hidden = policy_->forward(gen.ids, gen.attention_mask).narrow(1, p - 1, g);  // [B, G, D]
-        old_values = policy_->values(hidden);                                            // [B, G]
+        auto hidden = detail::response_hidden(*policy_, gen.ids, gen.attention_mask, p, g);  // [B, G, D]
+        old_values = policy_->values(hidden);                                              // [B, G]
         old_logprobs = detail::chunked_logprobs(base, hidden, tokens, config_.temperature, chunk);
       }
       ref_hidden = reference_hidden(gen.ids, gen.attention_mask, p, g);
@@ -473,9 +483,9 @@ class PPOTrainer {
     SparseEmbeddingGrad sparse_embedding(base);
     detail::MinibatchTerms t;
     torch::Tensor mask = d.mask.index_select(0, idx);
-    torch::Tensor hidden = policy_->forward(d.ids.index_select(0, idx), d.attention_mask.index_select(0, idx))
-                               .narrow(1, d.p - 1, d.g);  // [mb, G, D]
-    torch::Tensor values = policy_->values(hidden);        // [mb, G]
+    torch::Tensor hidden = detail::response_hidden(*policy_, d.ids.index_select(0, idx),
+                                                   d.attention_mask.index_select(0, idx), d.p, d.g);  // [mb, G, D]
+    torch::Tensor values = policy_->values(hidden);                                                  // [mb, G]
     const bool kl_in_loss = config_.kl_placement == KLPlacement::loss;
     auto stats = token_stats(hidden, d.tokens.index_select(0, idx),
                              kl_in_loss ? d.ref_hidden.index_select(0, idx) : torch::Tensor());
@@ -542,7 +552,7 @@ class PPOTrainer {
   /// `p` positions long).
   torch::Tensor reference_hidden(const torch::Tensor& ids, const torch::Tensor& mask, int64_t p, int64_t g) {
     return with_reference(
-        [&](auto& reference) { return reference.forward(ids, mask).narrow(1, p - 1, g).contiguous(); });
+        [&](auto& reference) { return detail::response_hidden(reference, ids, mask, p, g).contiguous(); });
   }
 
   /// The reference's log-probs [B, G] of `tokens` [B, G] from its final-layernorm outputs `hidden` [B, G, D],
